@@ -1,0 +1,57 @@
+"""The one dispatch point for fused ops: a Triton kernel on CUDA tensors, the torch reference elsewhere.
+
+Model code calls ops.<name>(...) and never knows which ran. QIE_OPS=torch forces the references (the
+baseline path in benchmarks); QIE_OPS=triton (default) uses a kernel wherever one exists for the inputs.
+"""
+import os
+
+from kernels import attention as _attention
+from kernels import modulation as _modulation
+from kernels import qk_rope as _qk_rope
+
+
+def _triton(t, module, name):
+    """The Triton launcher `name` of `module` if the tensor is on CUDA and kernels are enabled, else None."""
+    if not t.is_cuda or os.environ.get("QIE_OPS", "triton") == "torch":
+        return None
+    return getattr(module, name, None)
+
+
+def attention(q, k, v, kv_len=None, causal=False, scale=None):
+    """q [B, Sq, H, D]; k, v [B, Sk, Hk, D]; kv_len int32 [B] valid keys per row (keys past it ignored)."""
+    fn = _triton(q, _attention, "attention")
+    if fn is not None and fn.supports(q, k, v, causal):
+        return fn(q, k, v, kv_len=kv_len, causal=causal, scale=scale)
+    return _attention.attention_ref(q, k, v, kv_len=kv_len, causal=causal, scale=scale)
+
+
+def norm_modulate(x, shift, scale, split=None, eps=1e-6):
+    """LayerNorm(x) * (1 + scale) + shift; x [B, S, C], shift/scale [B, C] or [B, 2, C] split at token `split`."""
+    fn = _triton(x, _modulation, "norm_modulate")
+    if fn is not None:
+        return fn(x, shift, scale, split=split, eps=eps)
+    return _modulation.norm_modulate_ref(x, shift, scale, split=split, eps=eps)
+
+
+def gated_residual(x, gate, y, split=None):
+    """x + gate * y."""
+    fn = _triton(x, _modulation, "gated_residual")
+    if fn is not None:
+        return fn(x, gate, y, split=split)
+    return _modulation.gated_residual_ref(x, gate, y, split=split)
+
+
+def gated_residual_norm_modulate(x, gate, y, shift, scale, split=None, eps=1e-6):
+    """(h, norm_modulate(h)) with h = x + gate * y: one pass over the residual stream."""
+    fn = _triton(x, _modulation, "gated_residual_norm_modulate")
+    if fn is not None:
+        return fn(x, gate, y, shift, scale, split=split, eps=eps)
+    return _modulation.gated_residual_norm_modulate_ref(x, gate, y, shift, scale, split=split, eps=eps)
+
+
+def rms_norm_rope(x, weight, cos, sin, eps=1e-6):
+    """x [B, S, H, D] -> RMSNorm(x) * weight, rotated by (cos, sin) [S, D/2] in interleaved pairs."""
+    fn = _triton(x, _qk_rope, "rms_norm_rope")
+    if fn is not None:
+        return fn(x, weight, cos, sin, eps=eps)
+    return _qk_rope.rms_norm_rope_ref(x, weight, cos, sin, eps=eps)

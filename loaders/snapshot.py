@@ -1,0 +1,37 @@
+"""A Hugging Face snapshot folder of Qwen-Image(-Edit): which components it has, their configs and weights."""
+from pathlib import Path
+
+from .safetensors_io import LoadError, load_state_dict, read_json
+
+COMPONENTS = ("transformer", "vae", "scheduler", "text_encoder", "tokenizer", "processor")
+
+
+class Snapshot:
+    def __init__(self, root):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise LoadError(f"{self.root} is not a folder; pass the snapshot folder of Qwen/Qwen-Image-Edit")
+        if not (self.root / "model_index.json").is_file():
+            raise LoadError(f"{self.root} has no model_index.json; it is not a diffusers snapshot "
+                            "(pass the folder that holds transformer/, vae/, scheduler/ ...)")
+        self.index = read_json(self.root / "model_index.json")
+
+    def has(self, name):
+        return (self.root / name).is_dir()
+
+    def require(self, *names):
+        missing = [n for n in names if not self.has(n)]
+        if missing:
+            raise LoadError(f"{self.root} lacks {', '.join(n + '/' for n in missing)}; re-download the snapshot")
+
+    def config(self, name):
+        self.require(name)
+        fname = "scheduler_config.json" if name == "scheduler" else "config.json"
+        return read_json(self.root / name / fname)
+
+    def weights(self, name, dtype=None, device="cpu", keep_fp32=()):
+        self.require(name)
+        return load_state_dict(self.root / name, dtype=dtype, device=device, keep_fp32=keep_fp32)
+
+    def pipeline_class(self):
+        return self.index.get("_class_name", "?")
