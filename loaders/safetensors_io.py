@@ -75,6 +75,25 @@ def load_state_dict(folder, dtype=None, device="cpu", keep_fp32=()):
     return state
 
 
+def read_tensors(path):
+    """All tensors of one .safetensors file (e.g. saved prompt embeddings)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LoadError(f"{path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise LoadError(f"cannot read {path}: {str(e).splitlines()[0]}; is it a complete .safetensors file?") from None
+
+
+def write_tensors(tensors, path, force=False):
+    """Save tensors as one .safetensors file, atomically."""
+    from safetensors.torch import save
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata={"format": "pt"})
+    atomic_write_bytes(path, data, force=force)
+
+
 def _few(keys, n=3):
     keys = sorted(keys)
     more = f" and {len(keys) - n} more" if len(keys) > n else ""

@@ -1,0 +1,159 @@
+"""Qwen-Image-Edit orchestration: condition image -> latents -> denoise with true CFG -> decode.
+
+Only orchestration lives here; the math is in mmdit.py, vae.py and scheduler.py.
+"""
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from loaders import LoadError, Snapshot, torch_dtype
+
+from . import scheduler as sched
+from .config import RunOptions, SchedulerConfig
+from .mmdit import MMDiT, load_mmdit, mask_to_lengths
+from .vae import QwenImageVAE, load_vae
+
+CONDITION_AREA = 1024 * 1024
+
+
+@dataclass
+class EditModels:
+    transformer: MMDiT
+    vae: QwenImageVAE
+    scheduler: SchedulerConfig
+    device: str
+    dtype: torch.dtype
+    timings: dict = field(default_factory=dict)
+
+
+def load_models(model_dir, device="cpu", dtype="float32"):
+    start = time.perf_counter()
+    snap = Snapshot(model_dir)
+    snap.require("transformer", "vae", "scheduler")
+    dt = torch_dtype(dtype)
+    transformer = load_mmdit(snap, dt, device)
+    if transformer.cfg.use_additional_t_cond:
+        raise LoadError(f"{model_dir}: use_additional_t_cond models (Qwen-Image-Layered) are not edit models")
+    vae = load_vae(snap, dt, device)
+    scheduler_cfg = SchedulerConfig.from_dict(snap.config("scheduler"))
+    models = EditModels(transformer, vae, scheduler_cfg, device, dt)
+    models.timings["load"] = time.perf_counter() - start
+    return models
+
+
+def condition_size(width, height):
+    """The ~1 MP size the condition image is resized to: the input's aspect ratio, multiples of 32."""
+    ratio = width / height
+    w = math.sqrt(CONDITION_AREA * ratio)
+    h = w / ratio
+    return round(w / 32) * 32, round(h / 32) * 32
+
+
+def image_to_tensor(img, width, height):
+    """PIL RGB -> [1, 3, H, W] float32 in [-1, 1], Lanczos-resized to (width, height)."""
+    img = img.resize((width, height), resample=Image.LANCZOS)
+    a = np.array(img).astype(np.float32) / 255.0
+    return 2.0 * torch.from_numpy(a).permute(2, 0, 1)[None] - 1.0
+
+
+def tensor_to_image(x):
+    """[1, 3, H, W] in [-1, 1] -> PIL RGB (round to nearest)."""
+    a = (x * 0.5 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).float().cpu().numpy()
+    return Image.fromarray((a * 255).round().astype("uint8"))
+
+
+def pack(z):
+    """[B, C, H, W] latents -> [B, H/2 * W/2, 4C] tokens of 2x2 patches (channel-major within a patch)."""
+    B, C, H, W = z.shape
+    return z.view(B, C, H // 2, 2, W // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, (H // 2) * (W // 2), C * 4)
+
+
+def unpack(tokens, H, W):
+    B, _, D = tokens.shape
+    C = D // 4
+    return tokens.view(B, H // 2, W // 2, C, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, C, H, W)
+
+
+def pad_text(embeds, lengths):
+    """Right-pad a list of [L_i, D] to one [B, L, D] batch (zeros past each length)."""
+    L = max(e.shape[0] for e in embeds)
+    out = embeds[0].new_zeros(len(embeds), L, embeds[0].shape[-1])
+    for i, e in enumerate(embeds):
+        out[i, : e.shape[0]] = e
+    return out, torch.tensor(lengths)
+
+
+def _prompt_rows(embeds, mask, what):
+    """[1, L, D] embeddings + optional [1, L] mask -> ([valid L, D], valid length)."""
+    if embeds is None:
+        return None
+    if embeds.dim() != 3 or embeds.shape[0] != 1:
+        raise LoadError(f"{what} must be [1, L, D], got {tuple(embeds.shape)}")
+    n = int(mask_to_lengths(mask, what + "_mask")[0]) if mask is not None else embeds.shape[1]
+    if n == 0:
+        raise LoadError(f"{what} has no valid token")
+    return embeds[0, :n], n
+
+
+def edit(models: EditModels, image, prompt_embeds, prompt_mask=None, negative_embeds=None, negative_mask=None,
+         opts: RunOptions = None, progress=None):
+    """image: PIL RGB; prompt embeddings [1, L, D] (+ masks [1, L]). CFG runs when negative embeddings are
+    given and opts.cfg > 1, cond and uncond batched as one B=2 forward. Returns a PIL image."""
+    opts = opts or RunOptions()
+    mm, vae, dev, dt = models.transformer, models.vae, models.device, models.dtype
+    t0 = time.perf_counter()
+    cw, ch = condition_size(*image.size)
+    multiple = vae.cfg.scale_factor * 2
+    width = (opts.width or cw) // multiple * multiple
+    height = (opts.height or ch) // multiple * multiple
+    if width < multiple or height < multiple:
+        raise LoadError(f"output size {width}x{height} is too small; use at least {multiple}x{multiple}")
+
+    with torch.inference_mode():
+        cond_pixels = image_to_tensor(image, cw, ch).to(dev, dt)
+        cond_latents = pack(vae.normalize(vae.encode(cond_pixels)))  # [1, Nc, 64]
+        timings = {"vae_encode": time.perf_counter() - t0}
+
+        rows = [_prompt_rows(prompt_embeds, prompt_mask, "prompt_embeds")]
+        use_cfg = negative_embeds is not None and opts.cfg > 1
+        if use_cfg:
+            rows.append(_prompt_rows(negative_embeds, negative_mask, "negative_prompt_embeds"))
+        txt, txt_len = pad_text([r[0].to(dev, dt) for r in rows], [r[1] for r in rows])
+        B = txt.shape[0]
+
+        lh, lw = 2 * (height // multiple), 2 * (width // multiple)  # latent size
+        gen = torch.Generator("cpu").manual_seed(opts.seed)
+        noise = torch.randn((1, 1, vae.cfg.z_dim, lh, lw), generator=gen, dtype=dt)  # the reference's layout
+        latents = pack(noise[:, 0].to(dev))  # [1, N, 64]
+        cond = cond_latents.expand(B, -1, -1)
+        img_shapes = [(1, lh // 2, lw // 2), (1, ch // multiple, cw // multiple)]
+        rope = mm.rope(img_shapes, txt.shape[1], dev)
+
+        mu = sched.image_seq_mu(latents.shape[1], models.scheduler)
+        sigmas, timesteps = sched.sigmas_for(models.scheduler, opts.steps, mu=mu, sigmas=opts.sigmas)
+        t1 = time.perf_counter()
+        for i in range(len(timesteps)):
+            t = (timesteps[i].expand(B).to(dt) / 1000).to(dev)
+            x = torch.cat([latents.expand(B, -1, -1), cond], dim=1)
+            v = mm(x, txt, txt_len, t, img_shapes, rope=rope)[:, : latents.shape[1]]
+            if use_cfg:
+                pos, neg = v[:1], v[1:]
+                comb = neg + opts.cfg * (pos - neg)
+                v = comb * (torch.norm(pos, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
+            latents = sched.euler_step(latents, v, sigmas[i].to(dev), sigmas[i + 1].to(dev))
+            if progress is not None:
+                progress(i)
+        if dev.startswith("cuda"):
+            torch.cuda.synchronize()
+        timings["denoise"] = time.perf_counter() - t1
+
+        t2 = time.perf_counter()
+        z = vae.denormalize(unpack(latents, lh, lw))
+        out = tensor_to_image(vae.decode(z))
+        timings["vae_decode"] = time.perf_counter() - t2
+    models.timings.update(timings)
+    return out

@@ -1,0 +1,57 @@
+"""Reading input images into 8-bit RGB, and writing PNGs atomically."""
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .safetensors_io import LoadError, atomic_write_bytes
+
+MAX_PIXELS = 100_000_000  # larger inputs are refused before decoding; the edit works at ~1 MP anyway
+
+
+def read_image(path):
+    """Any PIL-readable file -> RGB PIL image, EXIF orientation applied. 16-bit and float images are
+    scaled to 8 bits (not clipped); alpha is composited over white; CMYK and palettes converted."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+            w, h = img.size
+            if w * h > MAX_PIXELS:
+                raise LoadError(f"{path} is {w}x{h} ({w * h / 1e6:.0f} MP), over the {MAX_PIXELS // 10**6} MP "
+                                "limit; downscale it first")
+            img.load()
+            img = ImageOps.exif_transpose(img)
+    except LoadError:
+        raise
+    except FileNotFoundError:
+        raise LoadError(f"image {path} does not exist") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as e:
+        raise LoadError(f"cannot read image {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
+                        "is it a complete PNG/JPEG/WebP file?") from None
+    if img.width == 0 or img.height == 0:
+        raise LoadError(f"image {path} has zero size")
+    return to_rgb(img)
+
+
+def to_rgb(img):
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        a = np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(a, mode="L").convert("RGB")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def write_png(img, path, force=False):
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue(), force=force)
