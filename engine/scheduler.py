@@ -33,7 +33,7 @@ def sigmas_for(cfg: SchedulerConfig, steps, mu=None, sigmas=None):
             s = mu / (mu + (1 / s - 1) ** 1.0)
     else:
         s = cfg.shift * s / (1 + (cfg.shift - 1) * s)
-    if cfg.shift_terminal:
+    if cfg.shift_terminal and s[-1] != 1:  # a lone sigma of 1 has no stretch (the reference yields 0/0 = NaN)
         one_minus = 1 - s
         s = 1 - one_minus / (one_minus[-1] / (1 - cfg.shift_terminal))
     s = torch.from_numpy(s).to(torch.float32)
