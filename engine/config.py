@@ -116,3 +116,4 @@ class RunOptions:
     device: str = "cpu"
     dtype: str = "float32"
     sigmas: list = field(default=None)
+    condition_area: int = 1024 * 1024  # pixels the condition image is resized to (the reference's ~1 MP)

@@ -17,9 +17,6 @@ from .config import RunOptions, SchedulerConfig
 from .mmdit import MMDiT, load_mmdit, mask_to_lengths
 from .vae import QwenImageVAE, load_vae
 
-CONDITION_AREA = 1024 * 1024
-
-
 @dataclass
 class EditModels:
     transformer: MMDiT
@@ -45,10 +42,10 @@ def load_models(model_dir, device="cpu", dtype="float32"):
     return models
 
 
-def condition_size(width, height):
-    """The ~1 MP size the condition image is resized to: the input's aspect ratio, multiples of 32."""
+def condition_size(width, height, area=1024 * 1024):
+    """The size (~area pixels) the condition image is resized to: the input's aspect ratio, multiples of 32."""
     ratio = width / height
-    w = math.sqrt(CONDITION_AREA * ratio)
+    w = math.sqrt(area * ratio)
     h = w / ratio
     return round(w / 32) * 32, round(h / 32) * 32
 
@@ -106,7 +103,7 @@ def edit(models: EditModels, image, prompt_embeds, prompt_mask=None, negative_em
     opts = opts or RunOptions()
     mm, vae, dev, dt = models.transformer, models.vae, models.device, models.dtype
     t0 = time.perf_counter()
-    cw, ch = condition_size(*image.size)
+    cw, ch = condition_size(*image.size, opts.condition_area)
     multiple = vae.cfg.scale_factor * 2
     width = (opts.width or cw) // multiple * multiple
     height = (opts.height or ch) // multiple * multiple

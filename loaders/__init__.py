@@ -2,4 +2,4 @@ from .images import read_image, to_rgb, write_png
 from .safetensors_io import (LoadError, assign, atomic_write_bytes, check_keys, load_state_dict, read_json,
                              read_tensors, write_tensors,
                              save_component, torch_dtype)
-from .snapshot import Snapshot
+from .snapshot import Snapshot, describe

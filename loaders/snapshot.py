@@ -35,3 +35,41 @@ class Snapshot:
 
     def pipeline_class(self):
         return self.index.get("_class_name", "?")
+
+
+def describe(root):
+    """What a snapshot holds, from file headers only: per component its class, tensor count, dtypes, bytes."""
+    from safetensors import safe_open
+
+    from .safetensors_io import _weight_files
+
+    snap = Snapshot(root)
+    rows = []
+    for name in COMPONENTS:
+        folder = snap.root / name
+        if not folder.is_dir():
+            rows.append({"component": name, "present": False})
+            continue
+        row = {"component": name, "present": True, "files": len(list(folder.iterdir()))}
+        cfg_file = folder / ("scheduler_config.json" if name == "scheduler" else "config.json")
+        if cfg_file.is_file():
+            row["class"] = read_json(cfg_file).get("_class_name") or read_json(cfg_file).get("architectures", ["?"])
+        if any(folder.glob("*.safetensors")):
+            files, _ = _weight_files(folder)
+            dtypes, count, nbytes, params = {}, 0, 0, 0
+            for path in files:
+                try:
+                    with safe_open(str(path), framework="pt", device="cpu") as f:
+                        for key in f.keys():
+                            s = f.get_slice(key)
+                            n = 1
+                            for d in s.get_shape():
+                                n *= d
+                            dtypes[s.get_dtype()] = dtypes.get(s.get_dtype(), 0) + 1
+                            count, params = count + 1, params + n
+                except Exception as e:
+                    raise LoadError(f"cannot read {path}: {str(e).splitlines()[0]}; re-download it") from None
+                nbytes += path.stat().st_size
+            row.update(tensors=count, params=params, bytes=nbytes, dtypes=dtypes)
+        rows.append(row)
+    return snap, rows
