@@ -82,3 +82,14 @@ def test_same_seed_same_image(tiny_snapshot):
     c = np.asarray(edit(models, image, pe, pm, ne, nm, RunOptions(steps=2, cfg=3.0, seed=8,
                                                                    condition_area=SMALL_AREA)))
     assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_demo_snapshot_loads_in_diffusers(tmp_path):
+    """The engine's own writer produces the layout diffusers saves: strict loads, no missing keys."""
+    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+
+    from engine.demo import write_demo_snapshot
+    root = write_demo_snapshot(tmp_path / "demo")
+    for cls, name in [(QwenImageTransformer2DModel, "transformer"), (AutoencoderKLQwenImage, "vae")]:
+        _, info = cls.from_pretrained(root / name, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
