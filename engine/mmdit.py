@@ -83,6 +83,8 @@ class Block(nn.Module):
 
     def modulation(self, temb, zero_cond):
         """temb [B, C] (or [2B, C]: t then t=0 when zero_cond) -> (img [B, 1|2, 6C], txt [B, 1, 6C])."""
+        if self.img_mod is None:
+            raise RuntimeError("modulation weights were dropped; pass the precomputed table (mods=...)")
         img = self.img_mod(temb)
         if zero_cond:
             t, t0 = img.chunk(2)
@@ -94,7 +96,7 @@ class Block(nn.Module):
 
     def forward(self, img, txt, mod, rope, kv_len, split):
         """img [B, N, C], txt [B, L, C]; mod from modulation(); split: first token of the t=0 set or None."""
-        img_mod, txt_mod = mod
+        img_mod, txt_mod = (m.expand(img.shape[0], -1, -1) for m in mod)  # a B=1 table serves every row
         # each [B, 1|2, C]; a single set is squeezed to [B, C] for the ops
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = (
             p if split is not None else p[:, 0] for p in img_mod.chunk(6, dim=-1))
@@ -218,6 +220,26 @@ class MMDiT(nn.Module):
         if self.cfg.zero_cond_t:
             temb = temb.chunk(2)[0]
         return self.proj_out(self.norm_out(img, temb))
+
+
+def modulation_table(model, timesteps):
+    """Every block's modulation for every step, computed once before the loop: a list (per step) of lists
+    (per block) of (img, txt) with batch 1. timesteps: sigmas [steps] in the model dtype. A third of the
+    transformer's weights (img_mod/txt_mod) are needed only for this and can be dropped afterwards."""
+    with torch.inference_mode():
+        return [model.modulations(model.time_embedding(t.reshape(1))) for t in timesteps]
+
+
+def drop_modulation_weights(model):
+    """Free img_mod/txt_mod once a modulation_table exists. Returns the bytes released."""
+    freed = 0
+    for blk in model.transformer_blocks:
+        for name in ("img_mod", "txt_mod"):
+            mod = getattr(blk, name)
+            if mod is not None:
+                freed += sum(p.numel() * p.element_size() for p in mod.parameters())
+                setattr(blk, name, None)
+    return freed
 
 
 def load_mmdit(snapshot, dtype, device):

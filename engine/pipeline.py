@@ -14,7 +14,7 @@ from loaders import LoadError, Snapshot, torch_dtype
 
 from . import scheduler as sched
 from .config import RunOptions, SchedulerConfig
-from .mmdit import MMDiT, load_mmdit, mask_to_lengths
+from .mmdit import MMDiT, load_mmdit, mask_to_lengths, modulation_table
 from .vae import QwenImageVAE, load_vae
 
 @dataclass
@@ -133,10 +133,12 @@ def edit(models: EditModels, image, prompt_embeds, prompt_mask=None, negative_em
         mu = sched.image_seq_mu(latents.shape[1], models.scheduler)
         sigmas, timesteps = sched.sigmas_for(models.scheduler, opts.steps, mu=mu, sigmas=opts.sigmas)
         t1 = time.perf_counter()
+        t_model = [(ts.to(dt) / 1000).to(dev) for ts in timesteps]  # the reference's timestep / 1000
+        mods = modulation_table(mm, t_model)
         for i in range(len(timesteps)):
-            t = (timesteps[i].expand(B).to(dt) / 1000).to(dev)
+            t = t_model[i].expand(B)
             x = torch.cat([latents.expand(B, -1, -1), cond], dim=1)
-            v = mm(x, txt, txt_len, t, img_shapes, rope=rope)[:, : latents.shape[1]]
+            v = mm(x, txt, txt_len, t, img_shapes, rope=rope, mods=mods[i])[:, : latents.shape[1]]
             if use_cfg:
                 pos, neg = v[:1], v[1:]
                 comb = neg + opts.cfg * (pos - neg)

@@ -88,3 +88,24 @@ def test_load_bf16_casts_on_load(tmp_path):
 def test_config_rejects_unknown_field():
     with pytest.raises(LoadError, match="unsupported config field"):
         MMDiTConfig.from_dict({**TINY_MMDIT, "num_single_layers": 3})
+
+
+@pytest.mark.parametrize("zero_cond_t", [False, True])
+def test_modulation_table_then_drop(zero_cond_t):
+    """Precomputed modulation (batch 1, broadcast to B=2) equals the in-forward path; weights then drop."""
+    from engine.mmdit import drop_modulation_weights, modulation_table
+    ours = ours_from(make_transformer(seed=9, zero_cond_t=zero_cond_t))
+    g = torch.Generator().manual_seed(3)
+    shapes = [(1, 2, 3), (1, 3, 2)]
+    x, txt = torch.randn(2, 12, 64, generator=g), torch.randn(2, 6, 48, generator=g)
+    ts = torch.tensor([0.9, 0.4])
+    with torch.no_grad():
+        want = [ours(x, txt, torch.tensor([6, 4]), t.expand(2), shapes) for t in ts]
+        table = modulation_table(ours, ts)
+        per_block = sum(p.numel() for n, p in ours.named_parameters() if "_mod." in n) * 4
+        assert drop_modulation_weights(ours) == per_block
+        got = [ours(x, txt, torch.tensor([6, 4]), t.expand(2), shapes, mods=m) for t, m in zip(ts, table)]
+    for a, b in zip(got, want):  # batch-1 and batch-2 GEMMs may round differently
+        assert (a - b).abs().max() <= 2e-6 * b.abs().max(), (a - b).abs().max()
+    with pytest.raises(RuntimeError, match="dropped"):
+        ours(x, txt, torch.tensor([6, 4]), ts[:1].expand(2), shapes)
