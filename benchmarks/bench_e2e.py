@@ -1,0 +1,140 @@
+"""Full-size MMDiT forward, ours vs diffusers' QwenImageTransformer2DModel in the same process.
+
+Random bf16 weights in the real config are built on the GPU once and shared by both models (our parameter
+names equal the checkpoint keys), so 41 GB serves both. Run on the device machine:
+    python -m benchmarks.bench_e2e --out results.json [--cases 1024_b1,1024_b2,4k_b1] [--compiled]
+"""
+import argparse
+import os
+
+import torch
+
+from benchmarks.common import ceilings, env_info, time_ms, write_json
+from engine.config import MMDiTConfig
+from engine.mmdit import MMDiT, drop_modulation_weights, modulation_table
+from loaders import assign
+
+FULL = MMDiTConfig()  # 60 blocks, 3072 wide, 24 heads x 128
+TXT = 360  # text tokens of an Edit-2509/2511 prompt
+CASES = {  # name: (batch, noisy latent grid, condition grid, text lengths per row)
+    "1024_b1": (1, (64, 64), (64, 64), [TXT]),
+    "1024_b2": (2, (64, 64), (64, 64), [TXT, 300]),
+    "4k_b1": (1, (192, 256), (64, 64), [TXT]),
+}
+
+
+def build_reference(seed=0):
+    """diffusers' model with random bf16 weights made directly on the GPU (no 81 GB fp32 detour)."""
+    from diffusers import QwenImageTransformer2DModel
+    from diffusers.models.transformers.transformer_qwenimage import QwenEmbedRope
+    kw = dict(num_layers=FULL.num_layers, attention_head_dim=128, num_attention_heads=24)
+    with torch.device("meta"):
+        ref = QwenImageTransformer2DModel(**kw)
+    ref.pos_embed = QwenEmbedRope(theta=10000, axes_dim=[16, 56, 56], scale_rope=True)  # its tables, on the CPU
+    g = torch.Generator("cuda").manual_seed(seed)
+    for mname, mod in ref.named_modules():
+        for pname, p in list(mod._parameters.items()):
+            if p is None:
+                continue
+            t = torch.empty(p.shape, dtype=torch.bfloat16, device="cuda")
+            if "norm" in mname and p.dim() == 1:
+                t.normal_(1.0, 0.1, generator=g)
+            else:
+                t.normal_(0.0, 0.02, generator=g)
+            mod._parameters[pname] = torch.nn.Parameter(t, requires_grad=False)
+    return ref.eval()
+
+
+def ours_sharing(ref):
+    with torch.device("meta"):
+        m = MMDiT(FULL)
+    return assign(m, dict(ref.state_dict()), "transformer").eval()
+
+
+def inputs(case, seed=1):
+    B, (h, w), (hc, wc), lens = CASES[case]
+    g = torch.Generator("cuda").manual_seed(seed)
+    N = (h * w + hc * wc)
+    L = max(lens)
+    x = torch.randn(B, N, 64, device="cuda", dtype=torch.bfloat16, generator=g)
+    txt = torch.randn(B, L, 3584, device="cuda", dtype=torch.bfloat16, generator=g)
+    mask = (torch.arange(L, device="cuda")[None] < torch.tensor(lens, device="cuda")[:, None]).long()
+    t = torch.full((B,), 0.6, device="cuda", dtype=torch.bfloat16)
+    shapes = [(1, h, w), (1, hc, wc)]
+    return x, txt, mask, t, shapes, torch.tensor(lens)
+
+
+def flops(case):
+    B, (h, w), (hc, wc), lens = CASES[case]
+    N = h * w + hc * wc
+    d, layers = FULL.dim, FULL.num_layers
+    total = 0
+    for L in lens:  # the padded text rows are computed too, but count only useful work
+        S = N + L
+        total += layers * (24 * d * d * S + 4 * S * S * d)  # 12 d² MACs per token; QK^T and PV
+    return total
+
+
+def run_case(case, ref, ours, compiled=False):
+    x, txt, mask, t, shapes, lens = inputs(case)
+    B = x.shape[0]
+    # diffusers drops an all-ones mask (the pipeline passes None then)
+    dmask = None if bool(mask.all()) else mask
+    ref_fn = lambda: ref(hidden_states=x, encoder_hidden_states=txt, encoder_hidden_states_mask=dmask,
+                         timestep=t, img_shapes=[shapes] * B, return_dict=False)[0]
+    rope = ours.rope(shapes, txt.shape[1], "cuda")
+    mods = modulation_table(ours, t[:1])[0]
+    ours_fn = lambda: ours(x, txt, lens, t, shapes, rope=rope, mods=mods)
+    rows = {}
+    with torch.inference_mode():
+        for name, fn, env in [("diffusers" + ("_compiled" if compiled else ""), ref_fn, "triton"),
+                              ("ours_torch_ops", ours_fn, "torch"), ("ours", ours_fn, "triton")]:
+            if compiled and name != "diffusers_compiled":
+                continue
+            os.environ["QIE_OPS"] = env
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            reps = 3 if case.startswith("4k") else 7
+            ms = time_ms(fn, warmup=2 if compiled else 1, reps=reps)
+            rows[name] = {"ms": ms, "tflops": flops(case) / ms / 1e9,
+                          "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+                          "activation_peak_gib": (torch.cuda.max_memory_allocated() - base) / 2**30}
+        os.environ["QIE_OPS"] = "triton"
+        if not compiled:
+            a, b = ours_fn().float(), ref_fn().float()
+            rows["ours_vs_diffusers_rel_l2"] = ((a - b).norm() / b.norm()).item()
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--cases", default="1024_b1,1024_b2,4k_b1")
+    ap.add_argument("--compiled", action="store_true", help="diffusers with compile_repeated_blocks(fullgraph=True)")
+    args = ap.parse_args()
+    payload = {"env": env_info(), "ceilings": ceilings(), "cases": {}}
+    ref = build_reference()
+    ours = ours_sharing(ref)
+    payload["weights_gib"] = sum(p.numel() * 2 for p in ref.parameters()) / 2**30
+    if args.compiled:
+        ref.compile_repeated_blocks(fullgraph=True)
+    for case in args.cases.split(","):
+        payload["cases"][case] = run_case(case, ref, ours, compiled=args.compiled)
+        write_json(args.out, payload)
+        print(case, payload["cases"][case], flush=True)
+    if not args.compiled:  # the VRAM a resident run frees by dropping img_mod/txt_mod after precompute
+        payload["modulation_weights_gib"] = drop_modulation_weights(ours) / 2**30
+    write_json(args.out, payload)
+    peak = payload["ceilings"]["matmul_tflops"]
+    print(f"\n{payload['env']['gpu']}  matmul ceiling {peak:.0f} TFLOP/s")
+    for case, rows in payload["cases"].items():
+        base = rows.get("diffusers") or rows.get("diffusers_compiled")
+        for name, r in rows.items():
+            if isinstance(r, dict):
+                print(f"{case:8s} {name:20s} {r['ms']:9.1f} ms  {r['tflops']:6.0f} TFLOP/s ({100 * r['tflops'] / peak:4.1f}%)"
+                      f"  x{r['ms'] / base['ms']:.3f}  peak {r['peak_gib']:.1f} GiB")
+
+
+if __name__ == "__main__":
+    main()
