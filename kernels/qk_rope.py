@@ -1,7 +1,15 @@
 """q/k RMSNorm (with weight) + rotary embedding in Qwen-Image's interleaved-pair form.
 
+Test:  python -m pytest -q tests/test_kernels.py -k rope          (CPU, Triton interpreter)
+       python -m pytest -q -m gpu tests/test_kernels.py -k rope  (GPU)
+
 Pairs (x[2i], x[2i+1]) rotate by angle theta_i: (a, b) -> (a cos - b sin, a sin + b cos).
+The kernel reads x (often a strided [B, S, H, D] view of a [B, S, H*D] or fused-QKV Linear output) once and
+writes the contiguous [B, S, H, D] layout the attention kernel reads. One program owns BLOCK_T tokens with
+all their heads, so cos/sin rows are loaded once per token.
 """
+import os
+
 import torch
 
 
@@ -12,3 +20,61 @@ def rms_norm_rope_ref(x, weight, cos, sin, eps=1e-6):
     a, b = xf.unflatten(-1, (-1, 2)).unbind(-1)  # [B, S, H, D/2]
     c, s = cos[None, :, None, :], sin[None, :, None, :]
     return torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2).to(x.dtype)
+
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the reference above still works; ops falls back to it
+    triton = None
+
+if triton is not None:
+    _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+    @triton.jit
+    def _rms_norm_rope_kernel(X, W, COS, SIN, OUT, S, H, D, eps,
+                              stride_xb, stride_xs, stride_xh, stride_cs, stride_ss,
+                              BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
+        # grid (cdiv(S, BLOCK_T), B); tile [BLOCK_H heads, BLOCK_P pairs] per token; D = 2 * pairs
+        b = tl.program_id(1).to(tl.int64)
+        heads = tl.arange(0, BLOCK_H)
+        pairs = tl.arange(0, BLOCK_P)
+        half = D // 2
+        mask = (heads[:, None] < H) & (pairs[None, :] < half)  # [BLOCK_H, BLOCK_P]
+        w_a = tl.load(W + 2 * pairs, mask=pairs < half, other=0.0).to(tl.float32)
+        w_b = tl.load(W + 2 * pairs + 1, mask=pairs < half, other=0.0).to(tl.float32)
+        for t in tl.static_range(BLOCK_T):
+            s = tl.program_id(0) * BLOCK_T + t
+            if s < S:
+                # even/odd elements as two [BLOCK_H, BLOCK_P] tiles (same cache lines, read once from HBM)
+                x_ptrs = X + b * stride_xb + s * stride_xs + heads[:, None] * stride_xh + 2 * pairs[None, :]
+                a = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+                bb = tl.load(x_ptrs + 1, mask=mask, other=0.0).to(tl.float32)
+                rstd = tl.math.rsqrt((tl.sum(a * a, 1) + tl.sum(bb * bb, 1)) / D + eps)  # [BLOCK_H]
+                a = a * rstd[:, None] * w_a[None, :]
+                bb = bb * rstd[:, None] * w_b[None, :]
+                c = tl.load(COS + s * stride_cs + pairs, mask=pairs < half, other=0.0)[None, :]
+                sn = tl.load(SIN + s * stride_ss + pairs, mask=pairs < half, other=0.0)[None, :]
+                # out [B, S, H, D] contiguous; interleave (a', b') back into pairs with join
+                o = tl.join(a * c - bb * sn, a * sn + bb * c)  # [BLOCK_H, BLOCK_P, 2]
+                o = tl.reshape(o, [BLOCK_H, 2 * BLOCK_P])
+                cols = tl.arange(0, 2 * BLOCK_P)
+                o_ptrs = OUT + ((b * S + s) * H + heads[:, None]) * D + cols[None, :]
+                tl.store(o_ptrs, o.to(OUT.dtype.element_ty), mask=(heads[:, None] < H) & (cols[None, :] < D))
+
+    def rms_norm_rope(x, weight, cos, sin, eps=1e-6):
+        """x [B, S, H, D] (strided view fine, D unit-stride); weight [D]; cos, sin [S, D/2] float32.
+        Returns RMSNorm(x) * weight rotated in interleaved pairs, [B, S, H, D] contiguous in x's dtype."""
+        B, S, H, D = x.shape
+        assert D % 2 == 0 and weight.shape == (D,), (x.shape, weight.shape)
+        assert cos.shape == (S, D // 2) and sin.shape == (S, D // 2), (cos.shape, sin.shape)
+        assert x.stride(3) == 1 and weight.stride(0) == 1 and cos.stride(1) == 1 and sin.stride(1) == 1
+        out = torch.empty((B, S, H, D), dtype=x.dtype, device=x.device)
+        BLOCK_H = triton.next_power_of_2(H)
+        BLOCK_P = triton.next_power_of_2(D // 2)
+        block_t = 2 if _INTERPRET else max(1, min(8, 4096 // (BLOCK_H * 2 * BLOCK_P)))
+        num_warps = 4 if BLOCK_H * BLOCK_P * 2 <= 4096 else 8
+        _rms_norm_rope_kernel[(triton.cdiv(S, block_t), B)](
+            x, weight, cos, sin, out, S, H, D, eps, x.stride(0), x.stride(1), x.stride(2),
+            cos.stride(0), sin.stride(0), BLOCK_T=block_t, BLOCK_H=BLOCK_H, BLOCK_P=BLOCK_P, num_warps=num_warps)
+        return out

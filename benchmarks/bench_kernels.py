@@ -1,0 +1,230 @@
+"""Kernel benchmark on the GPU: measured ceilings, attention vs torch SDPA backends, modulation/rope vs torch.
+
+Run from the repo root:  python -m benchmarks.bench_kernels --out benchmarks/results/kernels_<gpu>.json
+  --sweep   also time every attention block config, TMA and pointer K/V loads, at S=8552 (no autotune)
+  --quick   S=8552 only
+
+Every number carries its ceiling: attention TFLOP/s (4*B*H*S*S_valid*D flops) next to the bf16 matmul rate
+(torch.mm 8192^3), memory-bound kernels GB/s (bytes each tensor must move once) next to a device-to-device
+copy counting read + write. Times are triton.testing.do_bench medians; a call slower than 0.5 s (SDPA
+mem-efficient at S=53608) is timed 3 times with events instead, to bound the run.
+The memory-bound kernels run at the first and last S (8552, 53608).
+"""
+import argparse
+import datetime
+import json
+import statistics
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from triton.testing import do_bench
+
+from kernels import attention as A
+from kernels import modulation as M
+from kernels import qk_rope as R
+
+B, H, D, C = 1, 24, 128, 3072
+DEV, DTYPE = "cuda", torch.bfloat16  # module constants so a CPU dry run can shrink them
+SEQS = (8552, 9550, 53608)  # 1024^2 edit (2509/2511 text), original Edit text length, 4K edit
+TEXT_PAD = 200  # masked runs: the last 200 keys are padding (kv_len = S - 200)
+
+
+def ms(fn, slow_s=0.5):
+    """Median milliseconds of fn() on the GPU."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    if time.perf_counter() - t0 > slow_s:
+        times = []
+        for _ in range(3):
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            fn()
+            e1.record()
+            torch.cuda.synchronize()
+            times.append(e0.elapsed_time(e1))
+        return statistics.median(times)
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def ceilings():
+    a, b = (torch.randn(8192, 8192, device=DEV, dtype=DTYPE) for _ in range(2))
+    t_mm = ms(lambda: torch.mm(a, b))
+    x = torch.randn(2**29, device=DEV, dtype=DTYPE)  # 1 GiB
+    y = torch.empty_like(x)
+    t_cp = ms(lambda: y.copy_(x))
+    return {"matmul_bf16_tflops": 2 * 8192**3 / t_mm / 1e9, "copy_gbs": 2 * x.nbytes / t_cp / 1e6}
+
+
+def _sdpa(backend, qt, kt, vt, mask=None):
+    if backend is None:
+        return lambda: F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask)
+
+    def run():
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask)
+    return run
+
+
+def bench_attention(seqs, rows):
+    for S in seqs:
+        q, k, v = (torch.randn(B, S, H, D, device=DEV, dtype=DTYPE) for _ in range(3))
+        qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # SDPA's own [B, H, S, D] layout
+        for masked in (False, True):
+            valid = S - TEXT_PAD if masked else S
+            kv_len = torch.full((B,), valid, device=DEV, dtype=torch.int32) if masked else None
+            mask = (torch.arange(S, device=DEV) < valid)[None, None, None, :] if masked else None
+            flops = 4 * B * H * S * valid * D
+            providers = {"ours": lambda: A.attention(q, k, v, kv_len=kv_len)}
+            if masked:
+                providers.update({"sdpa_masked": _sdpa(None, qt, kt, vt, mask),
+                                  "sdpa_masked_cudnn": _sdpa(SDPBackend.CUDNN_ATTENTION, qt, kt, vt, mask),
+                                  "sdpa_masked_efficient": _sdpa(SDPBackend.EFFICIENT_ATTENTION, qt, kt, vt, mask)})
+            else:
+                providers.update({"sdpa_flash": _sdpa(SDPBackend.FLASH_ATTENTION, qt, kt, vt),
+                                  "sdpa_cudnn": _sdpa(SDPBackend.CUDNN_ATTENTION, qt, kt, vt),
+                                  "sdpa_efficient": _sdpa(SDPBackend.EFFICIENT_ATTENTION, qt, kt, vt)})
+            times = {}
+            for name, fn in providers.items():
+                row = {"op": "attention", "S": S, "masked": masked, "kv_len": valid, "provider": name}
+                try:
+                    t = ms(fn)
+                    times[name] = t
+                    row.update(ms=t, tflops=flops / t / 1e9)
+                    if name == "ours":
+                        c = A._attn_fwd.best_config
+                        row["config"] = (f"BM{c.kwargs['BLOCK_M']} BN{c.kwargs['BLOCK_N']} w{c.num_warps} "
+                                         f"s{c.num_stages}")
+                except Exception as e:  # a backend that refuses the inputs, or runs out of memory
+                    row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                rows.append(row)
+                torch.cuda.empty_cache()
+            for row in rows[-len(providers):]:
+                if "ms" in row and "ours" in times and row["provider"] != "ours":
+                    row["ours_speedup"] = row["ms"] / times["ours"]
+        del q, k, v, qt, kt, vt
+        torch.cuda.empty_cache()
+
+
+SWEEP = [(128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3),
+         (128, 128, 4, 2)]
+
+
+def bench_sweep(rows):
+    S = SEQS[0]
+    q, k, v = (torch.randn(B, S, H, D, device=DEV, dtype=DTYPE) for _ in range(3))
+    flops = 4 * B * H * S * S * D
+    cases = [(c, tma, False) for tma in (True, False) for c in SWEEP]
+    cases += [((128, 128, 8, 2), True, True), ((128, 64, 4, 3), True, True)]  # warp-specialized loop
+    for (bm, bn, w, s), tma, ws in cases:
+        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, WS=ws)
+        row = {"op": "attention_sweep", "S": S, "tma": tma, **cfg}
+        try:
+            t = ms(lambda: A._launch(q, k, v, tma=tma, config=cfg))
+            row.update(ms=t, tflops=flops / t / 1e9)
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        rows.append(row)
+
+
+def bench_memory_bound(seqs, rows, copy_gbs):
+    for S in seqs:
+        split = S // 2  # zero_cond_t: first half the t set, second half the t=0 set
+        x, y = (torch.randn(B, S, C, device=DEV, dtype=DTYPE) for _ in range(2))
+        gate, shift, scale = (torch.randn(B, 2, C, device=DEV, dtype=DTYPE) * 0.1 for _ in range(3))
+        idx = (torch.arange(S, device=DEV) >= split).long()
+
+        def eager_norm_mod(h):  # what a plain bf16 torch block does
+            return F.layer_norm(h, (C,), eps=1e-6) * (1 + scale[:, idx]) + shift[:, idx]
+
+        def eager_res():
+            return x + gate[:, idx] * y
+
+        def eager_fused():
+            h = eager_res()
+            return h, eager_norm_mod(h)
+
+        qkv = torch.randn(B, S, 3 * H * D, device=DEV, dtype=DTYPE)
+        kx = qkv[..., H * D:2 * H * D].unflatten(-1, (H, D))  # strided view of the fused projection
+        w = torch.rand(D, device=DEV, dtype=DTYPE) + 0.5
+        ang = torch.rand(S, D // 2, device=DEV) * 6
+        cos, sin = ang.cos(), ang.sin()
+        n = B * S * C * 2  # bytes of one [B, S, C] bf16 tensor
+        ops = {
+            "norm_modulate": (2 * n, lambda: M.norm_modulate(x, shift, scale, split),
+                              lambda: M.norm_modulate_ref(x, shift, scale, split), lambda: eager_norm_mod(x)),
+            "gated_residual": (3 * n, lambda: M.gated_residual(x, gate, y, split),
+                               lambda: M.gated_residual_ref(x, gate, y, split), eager_res),
+            "gated_residual_norm_modulate": (
+                4 * n, lambda: M.gated_residual_norm_modulate(x, gate, y, shift, scale, split),
+                lambda: M.gated_residual_norm_modulate_ref(x, gate, y, shift, scale, split), eager_fused),
+            "rms_norm_rope": (2 * n, lambda: R.rms_norm_rope(kx, w, cos, sin),
+                              lambda: R.rms_norm_rope_ref(kx, w, cos, sin), None),
+        }
+        for op, (nbytes, ours, ref, eager) in ops.items():
+            t = ms(ours)
+            row = {"op": op, "S": S, "C": C, "split": split, "provider": "ours", "ms": t,
+                   "gbs": nbytes / t / 1e6, "frac_of_copy": nbytes / t / 1e6 / copy_gbs}
+            row["torch_ref_ms"] = ms(ref)
+            row["speedup_vs_ref"] = row["torch_ref_ms"] / t
+            if eager is not None:
+                row["torch_eager_bf16_ms"] = ms(eager)
+                row["speedup_vs_eager"] = row["torch_eager_bf16_ms"] / t
+            rows.append(row)
+        del x, y, qkv
+        torch.cuda.empty_cache()
+
+
+def table(ceil, rows):
+    print(f"\nceilings: bf16 matmul {ceil['matmul_bf16_tflops']:.0f} TFLOP/s, HBM copy {ceil['copy_gbs']:.0f} GB/s")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['op']:<30} S={r['S']:<6} {r.get('provider', '')} ERROR {r['error'][:80]}")
+        elif r["op"] == "attention":
+            extra = f"  ours x{r['ours_speedup']:.2f}" if "ours_speedup" in r else f"  {r.get('config', '')}"
+            print(f"attention S={r['S']:<6} {'mask' if r['masked'] else 'full'} {r['provider']:<22}"
+                  f"{r['ms']:9.3f} ms {r['tflops']:6.0f} TFLOP/s"
+                  f" ({r['tflops'] / ceil['matmul_bf16_tflops']:.0%} of mm){extra}")
+        elif r["op"] == "attention_sweep":
+            print(f"sweep S={r['S']} tma={r['tma']!s:<5} BM{r['BLOCK_M']} BN{r['BLOCK_N']} w{r['num_warps']} "
+                  f"s{r['num_stages']} ws={r['WS']!s:<5} {r['ms']:8.3f} ms {r['tflops']:6.0f} TFLOP/s")
+        else:
+            eager = f" eager x{r['speedup_vs_eager']:.2f}" if "speedup_vs_eager" in r else ""
+            print(f"{r['op']:<30} S={r['S']:<6} {r['ms'] * 1e3:8.1f} us {r['gbs']:6.0f} GB/s "
+                  f"({r['frac_of_copy']:.0%} of copy)  ref x{r['speedup_vs_ref']:.2f}{eager}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    seqs = SEQS[:1] if args.quick else SEQS
+    t0 = time.time()
+    ceil = ceilings()
+    rows = []
+    sections = [lambda: bench_memory_bound(seqs[:1] + seqs[-1:], rows, ceil["copy_gbs"]),
+                lambda: bench_attention(seqs, rows)] + ([lambda: bench_sweep(rows)] if args.sweep else [])
+    for section in sections:  # a failing section still leaves the others' rows in the JSON
+        try:
+            section()
+        except Exception:
+            traceback.print_exc()
+    out = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "ceilings": ceil, "seconds": round(time.time() - t0, 1), "rows": rows}
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=1)
+    table(ceil, rows)
+    print(f"{out['gpu']}, torch {out['torch']}, triton {out['triton']}, {out['seconds']} s -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
