@@ -47,20 +47,42 @@ def _input_error(msg):
     return LoadError(msg)
 
 
-def _run_edit(model_dir, image, embeds_file, args):
+def _dtype(args):
+    return args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+
+
+def _encode(model_dir, image, args):
+    """--prompt/--negative-prompt -> the tensors an embeddings file holds."""
+    from engine.pipeline import encode_text
+    t0 = time.perf_counter()
+    use_negative = args.negative_prompt is not None and getattr(args, "cfg", 2.0) > 1
+    prompts = [args.prompt] + ([args.negative_prompt] if use_negative else [])
+    rows = encode_text(model_dir, image, prompts, device=args.device, dtype=_dtype(args))
+    tensors = {"prompt_embeds": rows[0][0], "prompt_embeds_mask": rows[0][1]}
+    if len(rows) > 1:
+        tensors.update(negative_prompt_embeds=rows[1][0], negative_prompt_embeds_mask=rows[1][1])
+    print(f"encoded {len(prompts)} prompt(s): {[r[0].shape[1] for r in rows]} tokens "
+          f"({time.perf_counter() - t0:.2f}s)", file=sys.stderr)
+    return tensors
+
+
+def _read_embeds(embeds_file):
+    from loaders import LoadError, read_tensors
+    tensors = read_tensors(embeds_file)
+    if "prompt_embeds" not in tensors:
+        raise LoadError(f"{embeds_file} has no 'prompt_embeds' tensor (has: {', '.join(sorted(tensors)) or 'none'})")
+    return tensors
+
+
+def _run_edit(model_dir, image, tensors, args):
     import torch
     from tqdm import tqdm
 
     from engine.config import RunOptions
     from engine.pipeline import edit, load_models
-    from loaders import LoadError, read_tensors, write_png
+    from loaders import LoadError, write_png
 
-    if args.steps < 1:
-        raise LoadError(f"--steps must be at least 1, got {args.steps}")
-    dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
-    tensors = read_tensors(embeds_file)
-    if "prompt_embeds" not in tensors:
-        raise LoadError(f"{embeds_file} has no 'prompt_embeds' tensor (has: {', '.join(sorted(tensors)) or 'none'})")
+    dtype = _dtype(args)
     models = load_models(model_dir, device=args.device, dtype=dtype)
     joint = models.transformer.cfg.joint_attention_dim
     for k in ("prompt_embeds", "negative_prompt_embeds"):
@@ -69,7 +91,7 @@ def _run_edit(model_dir, image, embeds_file, args):
     opts = RunOptions(steps=args.steps, cfg=args.cfg, seed=args.seed, width=args.width, height=args.height,
                       device=args.device, dtype=dtype)
     if "negative_prompt_embeds" not in tensors and args.cfg > 1:
-        print("note: no negative_prompt_embeds in the embeddings file, so CFG is off", file=sys.stderr)
+        print("note: no negative prompt embeddings, so CFG is off", file=sys.stderr)
     bar = tqdm(total=args.steps, desc="denoise", unit="step", file=sys.stderr)
     try:
         out = edit(models, image, tensors["prompt_embeds"], tensors.get("prompt_embeds_mask"),
@@ -87,12 +109,31 @@ def _run_edit(model_dir, image, embeds_file, args):
               f"reserved {torch.cuda.max_memory_reserved() / gib:.2f} GiB")
 
 
+def _check_run(args):
+    if args.steps < 1:
+        raise _input_error(f"--steps must be at least 1, got {args.steps}")
+
+
 def cmd_edit(args):
     from loaders import read_image
     _check_out(args)
-    if args.prompt_embeds is None:
-        raise _input_error("--prompt-embeds FILE is required (prompt text encoding is not available yet)")
-    _run_edit(args.model, read_image(args.image), args.prompt_embeds, args)
+    _check_run(args)
+    if (args.prompt is None) == (args.prompt_embeds is None):
+        raise _input_error("give exactly one of --prompt TEXT or --prompt-embeds FILE")
+    image = read_image(args.image)
+    tensors = _read_embeds(args.prompt_embeds) if args.prompt_embeds else _encode(args.model, image, args)
+    _run_edit(args.model, image, tensors, args)
+
+
+def cmd_encode(args):
+    from loaders import read_image, write_tensors
+    if Path(args.out).exists() and not args.force:
+        raise _input_error(f"{args.out} exists; pass --force to overwrite it or choose another --out")
+    if not args.out.endswith(".safetensors"):
+        raise _input_error(f"--out {args.out} must end in .safetensors")
+    tensors = _encode(args.model, read_image(args.image), args)
+    write_tensors(tensors, args.out, force=args.force)
+    print(f"wrote {args.out}: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items()))
 
 
 def cmd_demo(args):
@@ -104,7 +145,8 @@ def cmd_demo(args):
     root, fresh = demo_snapshot(_cache_dir())
     print(f"demo snapshot (random weights) {'written to' if fresh else 'cached at'} {root} "
           f"({time.perf_counter() - t0:.2f}s)")
-    _run_edit(root, sample_image(), root / "demo_prompt.safetensors", args)
+    _check_run(args)
+    _run_edit(root, sample_image(), _read_embeds(root / "demo_prompt.safetensors"), args)
 
 
 def cmd_inspect(args):
@@ -128,9 +170,21 @@ def build_parser():
     e = sub.add_parser("edit", help="edit an image")
     e.add_argument("--model", required=True, help="snapshot folder of Qwen/Qwen-Image-Edit")
     e.add_argument("--image", required=True)
-    e.add_argument("--prompt-embeds", help=".safetensors with prompt_embeds (+ _mask, negative_*)")
+    e.add_argument("--prompt", help="the edit instruction")
+    e.add_argument("--negative-prompt", default=" ", help='negative prompt for true CFG (default " ")')
+    e.add_argument("--prompt-embeds", help="instead of --prompt: a file from `encode` (prompt_embeds, _mask, negative_*)")
     _add_run_args(e)
     e.set_defaults(fn=cmd_edit)
+    c = sub.add_parser("encode", help="encode a prompt (+ negative) with the text encoder, for --prompt-embeds")
+    c.add_argument("--model", required=True)
+    c.add_argument("--image", required=True, help="the image to be edited (the VL model sees it)")
+    c.add_argument("--prompt", required=True)
+    c.add_argument("--negative-prompt", default=" ")
+    c.add_argument("--device", default="cuda" if _cuda() else "cpu", choices=["cpu", "cuda"])
+    c.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    c.add_argument("--out", required=True, help="output .safetensors")
+    c.add_argument("--force", action="store_true")
+    c.set_defaults(fn=cmd_encode)
     d = sub.add_parser("demo", help="the whole edit on a tiny built-in random model (no download)")
     _add_run_args(d)
     d.set_defaults(fn=cmd_demo, steps=4, width=768, height=512)
@@ -142,10 +196,11 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    from engine.processor import PromptError
     from loaders import LoadError
     try:
         args.fn(args)
-    except LoadError as e:
+    except (LoadError, PromptError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_INPUT
     except KeyboardInterrupt:

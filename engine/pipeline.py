@@ -42,6 +42,28 @@ def load_models(model_dir, device="cpu", dtype="float32"):
     return models
 
 
+def encode_text(model_dir, image, prompts, device="cpu", dtype="float32", area=1024 * 1024, resize="pil"):
+    """Prompts -> list of ([1, L_i, D] embeddings, [1, L_i] mask), one per prompt, from the snapshot's
+    text_encoder/ + processor/. The VL model sees the condition image at its ≈1 MP size, as the reference
+    does. The text encoder is loaded for this call only and freed afterwards (it is ~16 GB in bf16)."""
+    from .processor import load_processor
+    from .text_encoder import encode_prompts, load_text_encoder
+    snap = Snapshot(model_dir)
+    snap.require("text_encoder")
+    processor = load_processor(snap, resize=resize)
+    te = load_text_encoder(snap, torch_dtype(dtype), device)
+    prompt_image = image.resize(condition_size(*image.size, area), resample=Image.LANCZOS)
+    embeds, mask = encode_prompts(processor, te, prompts, prompt_image)
+    del te
+    if str(device).startswith("cuda"):
+        torch.cuda.empty_cache()
+    rows = []
+    for i in range(len(prompts)):
+        n = int(mask[i].sum())
+        rows.append((embeds[i:i + 1, :n].cpu(), mask[i:i + 1, :n].cpu()))
+    return rows
+
+
 def condition_size(width, height, area=1024 * 1024):
     """The size (~area pixels) the condition image is resized to: the input's aspect ratio, multiples of 32."""
     ratio = width / height

@@ -1,0 +1,89 @@
+"""Prompt, image, seed -> PNG: our whole edit vs diffusers' QwenImageEditPipeline with its text encoder,
+on one tiny random snapshot (transformer, VAE, scheduler, Qwen2.5-VL, real Qwen tokenizer). CPU, float32."""
+import numpy as np
+import pytest
+import torch
+
+import cli
+from engine.config import RunOptions
+from engine.pipeline import edit, encode_text, load_models
+from tests.conftest import make_transformer, make_vae, write_snapshot
+from tests.test_pipeline import SMALL_AREA
+from tests.test_processor import random_image, reference_processor, write_image_config, write_tokenizer_folders
+from tests.test_text_encoder import IMAGE_TOKEN_ID, redraw, tiny_config
+
+
+@pytest.fixture(scope="module")
+def text_snapshot(tmp_path_factory):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    root = tmp_path_factory.mktemp("textsnap")
+    te = redraw(Qwen2_5_VLForConditionalGeneration(tiny_config())).eval()
+    transformer = make_transformer(seed=5, joint_attention_dim=te.config.text_config.hidden_size)
+    write_snapshot(root, transformer, make_vae(seed=6))
+    te.save_pretrained(root / "text_encoder")
+    json_folder, _ = write_tokenizer_folders(root / "tok")
+    json_folder.rename(root / "processor")
+    write_image_config(root / "processor", legacy=False)
+    return root
+
+
+def reference_edit(root, image, prompt, negative, cfg, steps, seed, monkeypatch):
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as mod
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    orig = mod.calculate_dimensions
+    monkeypatch.setattr(mod, "calculate_dimensions", lambda area, ratio: orig(SMALL_AREA, ratio))
+    te = Qwen2_5_VLForConditionalGeneration.from_pretrained(root / "text_encoder").eval()
+    # diffusers 0.42.1 does not forward mm_token_type_ids to a transformers-5 Qwen2.5-VL (diffusers #14194,
+    # fix in PR #14189): without it the model falls back to 1-D positions. Apply that fix around the model.
+    forward = te.forward
+    monkeypatch.setattr(te, "forward", lambda **kw: forward(**kw, mm_token_type_ids=(kw["input_ids"] == IMAGE_TOKEN_ID).int()))
+    processor = reference_processor(root / "processor", monkeypatch)
+    pipe = mod.QwenImageEditPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler"),
+        vae=AutoencoderKLQwenImage.from_pretrained(root / "vae"), text_encoder=te,
+        tokenizer=processor.tokenizer, processor=processor,
+        transformer=QwenImageTransformer2DModel.from_pretrained(root / "transformer"))
+    with torch.no_grad():
+        return pipe(image=image, prompt=prompt, negative_prompt=negative, true_cfg_scale=cfg,
+                    num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+
+
+@pytest.mark.parametrize("prompt,cfg", [("把背景换成雪天", 4.0), ("put a red hat on the cat 🎩, keep the rest", 1.0)])
+def test_prompt_edit_matches_reference(text_snapshot, monkeypatch, prompt, cfg):
+    image = random_image(120, 90, seed=3)
+    negative = " " if cfg > 1 else None
+    want = reference_edit(text_snapshot, image, prompt, negative, cfg, 2, 99, monkeypatch)
+
+    rows = encode_text(text_snapshot, image, [prompt] + ([negative] if negative else []), area=SMALL_AREA)
+    models = load_models(text_snapshot, "cpu", "float32")
+    neg = rows[1] if negative else (None, None)
+    got = edit(models, image, *rows[0], *neg, RunOptions(steps=2, cfg=cfg, seed=99, condition_area=SMALL_AREA))
+    a, b = np.asarray(got).astype(int), np.asarray(want).astype(int)
+    diff = np.abs(a - b).max()
+    print(f"max pixel difference {diff}/255")
+    assert a.shape == b.shape and diff <= 2, diff
+
+
+def test_long_prompt_refused_by_cli(text_snapshot, tmp_path, capsys):
+    random_image(64, 64).save(tmp_path / "in.png")
+    rc = cli.main(["encode", "--model", str(text_snapshot), "--image", str(tmp_path / "in.png"),
+                   "--prompt", "snow " * 1100, "--device", "cpu", "--out", str(tmp_path / "e.safetensors")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "limit is 1024" in err and err.count("\n") == 1
+    assert not (tmp_path / "e.safetensors").exists()
+
+
+def test_cli_encode_then_edit_equals_prompt_edit(text_snapshot, tmp_path, monkeypatch):
+    """`encode` writes what `edit --prompt-embeds` reads; both routes give the same PNG."""
+    import engine.pipeline as pl
+    orig = pl.condition_size  # the CLI's 1 MP condition is slow on a CPU
+    monkeypatch.setattr(pl, "condition_size", lambda w, h, area=None: orig(w, h, SMALL_AREA))
+    random_image(100, 80, seed=4).save(tmp_path / "in.png")
+    common = ["--model", str(text_snapshot), "--image", str(tmp_path / "in.png"), "--device", "cpu"]
+    run = ["--steps", "2", "--seed", "5"]
+    assert cli.main(["encode", *common, "--prompt", "make it snowy", "--out", str(tmp_path / "e.safetensors")]) == 0
+    assert cli.main(["edit", *common, *run, "--prompt-embeds", str(tmp_path / "e.safetensors"),
+                     "--out", str(tmp_path / "a.png")]) == 0
+    assert cli.main(["edit", *common, *run, "--prompt", "make it snowy", "--out", str(tmp_path / "b.png")]) == 0
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
