@@ -112,18 +112,20 @@ def bench_attention(seqs, rows):
         torch.cuda.empty_cache()
 
 
-SWEEP = [(128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3),
-         (128, 128, 4, 2)]
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, PIPE, tma)
+SWEEP = [(128, 128, 8, 3, False, True), (128, 128, 8, 3, True, True), (128, 128, 8, 2, True, True),
+         (128, 64, 8, 3, False, True), (128, 64, 8, 3, True, True), (128, 64, 8, 4, False, True),
+         (128, 64, 8, 4, True, True), (128, 64, 4, 3, True, True), (128, 128, 8, 3, False, False),
+         (128, 64, 8, 3, False, False)]
 
 
 def bench_sweep(rows):
+    """Every attention block config at S=SEQS[0], no autotune; then the memory-bound kernels' block shapes."""
     S = SEQS[0]
     q, k, v = (torch.randn(B, S, H, D, device=DEV, dtype=DTYPE) for _ in range(3))
     flops = 4 * B * H * S * S * D
-    cases = [(c, tma, False) for tma in (True, False) for c in SWEEP]
-    cases += [((128, 128, 8, 2), True, True), ((128, 64, 4, 3), True, True)]  # warp-specialized loop
-    for (bm, bn, w, s), tma, ws in cases:
-        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, WS=ws)
+    for bm, bn, w, st, pipe, tma in SWEEP:
+        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, PIPE=pipe)
         row = {"op": "attention_sweep", "S": S, "tma": tma, **cfg}
         try:
             t = ms(lambda: A._launch(q, k, v, tma=tma, config=cfg))
@@ -131,6 +133,24 @@ def bench_sweep(rows):
         except Exception as e:
             row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
         rows.append(row)
+    del q, k, v
+    x, y = (torch.randn(B, S, C, device=DEV, dtype=DTYPE) for _ in range(2))
+    gate, shift, scale = (torch.randn(B, 2, C, device=DEV, dtype=DTYPE) * 0.1 for _ in range(3))
+    n = x.numel() * x.element_size()
+    for block_r in (1, 2, 4, 8):
+        for w in (4, 8, 16):
+            for op, nbytes, residual in (("norm_modulate", 2 * n, False), ("gated_residual_norm_modulate", 4 * n, True)):
+                t = ms(lambda: M._launch(x, y, gate, shift, scale, S // 2, 1e-6, residual, True, block_r, w))
+                rows.append({"op": op + "_sweep", "S": S, "block": block_r, "num_warps": w, "ms": t,
+                             "gbs": nbytes / t / 1e6})
+    kx = torch.randn(B, S, 3 * H * D, device=DEV, dtype=DTYPE)[..., H * D:2 * H * D].unflatten(-1, (H, D))
+    wt = torch.rand(D, device=DEV, dtype=DTYPE) + 0.5
+    cos, sin = torch.rand(S, D // 2, device=DEV), torch.rand(S, D // 2, device=DEV)
+    for block_t in (1, 2, 4):
+        for w in (2, 4, 8):
+            t = ms(lambda: R._launch(kx, wt, cos, sin, 1e-6, block_t, w))
+            rows.append({"op": "rms_norm_rope_sweep", "S": S, "block": block_t, "num_warps": w, "ms": t,
+                         "gbs": 2 * n / t / 1e6})
 
 
 def bench_memory_bound(seqs, rows, copy_gbs):
@@ -167,17 +187,21 @@ def bench_memory_bound(seqs, rows, copy_gbs):
             "rms_norm_rope": (2 * n, lambda: R.rms_norm_rope(kx, w, cos, sin),
                               lambda: R.rms_norm_rope_ref(kx, w, cos, sin), None),
         }
+        dst = torch.empty_like(x)
+        t = ms(lambda: dst.copy_(x))
+        rows.append({"op": "copy_same_size", "S": S, "C": C, "provider": "torch", "ms": t, "gbs": 2 * n / t / 1e6,
+                     "frac_of_copy": 2 * n / t / 1e6 / copy_gbs})
         for op, (nbytes, ours, ref, eager) in ops.items():
             t = ms(ours)
-            row = {"op": op, "S": S, "C": C, "split": split, "provider": "ours", "ms": t,
-                   "gbs": nbytes / t / 1e6, "frac_of_copy": nbytes / t / 1e6 / copy_gbs}
+            row = {"op": op, "S": S, "C": C, "split": None if op == "rms_norm_rope" else split, "provider": "ours",
+                   "ms": t, "gbs": nbytes / t / 1e6, "frac_of_copy": nbytes / t / 1e6 / copy_gbs}
             row["torch_ref_ms"] = ms(ref)
             row["speedup_vs_ref"] = row["torch_ref_ms"] / t
             if eager is not None:
                 row["torch_eager_bf16_ms"] = ms(eager)
                 row["speedup_vs_eager"] = row["torch_eager_bf16_ms"] / t
             rows.append(row)
-        del x, y, qkv
+        del x, y, qkv, dst
         torch.cuda.empty_cache()
 
 
@@ -193,7 +217,13 @@ def table(ceil, rows):
                   f" ({r['tflops'] / ceil['matmul_bf16_tflops']:.0%} of mm){extra}")
         elif r["op"] == "attention_sweep":
             print(f"sweep S={r['S']} tma={r['tma']!s:<5} BM{r['BLOCK_M']} BN{r['BLOCK_N']} w{r['num_warps']} "
-                  f"s{r['num_stages']} ws={r['WS']!s:<5} {r['ms']:8.3f} ms {r['tflops']:6.0f} TFLOP/s")
+                  f"s{r['num_stages']} pipe={r['PIPE']!s:<5} {r['ms']:8.3f} ms {r['tflops']:6.0f} TFLOP/s")
+        elif r["op"].endswith("_sweep"):
+            print(f"{r['op']:<36} S={r['S']} block={r['block']} w{r['num_warps']:<3} {r['ms'] * 1e3:7.1f} us "
+                  f"{r['gbs']:6.0f} GB/s ({r['gbs'] / ceil['copy_gbs']:.0%} of copy)")
+        elif r["op"] == "copy_same_size":
+            print(f"{'copy (same size)':<30} S={r['S']:<6} {r['ms'] * 1e3:8.1f} us {r['gbs']:6.0f} GB/s "
+                  f"({r['frac_of_copy']:.0%} of copy)")
         else:
             eager = f" eager x{r['speedup_vs_eager']:.2f}" if "speedup_vs_eager" in r else ""
             print(f"{r['op']:<30} S={r['S']:<6} {r['ms'] * 1e3:8.1f} us {r['gbs']:6.0f} GB/s "

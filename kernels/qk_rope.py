@@ -35,36 +35,30 @@ if triton is not None:
     def _rms_norm_rope_kernel(X, W, COS, SIN, OUT, S, H, D, eps,
                               stride_xb, stride_xs, stride_xh, stride_cs, stride_ss,
                               BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
-        # grid (cdiv(S, BLOCK_T), B); tile [BLOCK_H heads, BLOCK_P pairs] per token; D = 2 * pairs
+        # grid (cdiv(S, BLOCK_T), B); per token a contiguous [BLOCK_H heads, 2 * BLOCK_P] tile (16-byte loads),
+        # split in registers into the even/odd halves of each pair, rotated, joined back, stored contiguous
+        BLOCK_D: tl.constexpr = 2 * BLOCK_P
         b = tl.program_id(1).to(tl.int64)
         heads = tl.arange(0, BLOCK_H)
+        cols = tl.arange(0, BLOCK_D)
         pairs = tl.arange(0, BLOCK_P)
-        half = D // 2
-        mask = (heads[:, None] < H) & (pairs[None, :] < half)  # [BLOCK_H, BLOCK_P]
-        w_a = tl.load(W + 2 * pairs, mask=pairs < half, other=0.0).to(tl.float32)
-        w_b = tl.load(W + 2 * pairs + 1, mask=pairs < half, other=0.0).to(tl.float32)
+        mask = (heads[:, None] < H) & (cols[None, :] < D)  # [BLOCK_H, BLOCK_D]
+        w = tl.load(W + cols, mask=cols < D, other=0.0).to(tl.float32)
         for t in tl.static_range(BLOCK_T):
             s = tl.program_id(0) * BLOCK_T + t
             if s < S:
-                # even/odd elements as two [BLOCK_H, BLOCK_P] tiles (same cache lines, read once from HBM)
-                x_ptrs = X + b * stride_xb + s * stride_xs + heads[:, None] * stride_xh + 2 * pairs[None, :]
-                a = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
-                bb = tl.load(x_ptrs + 1, mask=mask, other=0.0).to(tl.float32)
-                rstd = tl.math.rsqrt((tl.sum(a * a, 1) + tl.sum(bb * bb, 1)) / D + eps)  # [BLOCK_H]
-                a = a * rstd[:, None] * w_a[None, :]
-                bb = bb * rstd[:, None] * w_b[None, :]
-                c = tl.load(COS + s * stride_cs + pairs, mask=pairs < half, other=0.0)[None, :]
-                sn = tl.load(SIN + s * stride_ss + pairs, mask=pairs < half, other=0.0)[None, :]
-                # out [B, S, H, D] contiguous; interleave (a', b') back into pairs with join
-                o = tl.join(a * c - bb * sn, a * sn + bb * c)  # [BLOCK_H, BLOCK_P, 2]
-                o = tl.reshape(o, [BLOCK_H, 2 * BLOCK_P])
-                cols = tl.arange(0, 2 * BLOCK_P)
-                o_ptrs = OUT + ((b * S + s) * H + heads[:, None]) * D + cols[None, :]
-                tl.store(o_ptrs, o.to(OUT.dtype.element_ty), mask=(heads[:, None] < H) & (cols[None, :] < D))
+                x_ptrs = X + b * stride_xb + s * stride_xs + heads[:, None] * stride_xh + cols[None, :]
+                x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+                rstd = tl.math.rsqrt(tl.sum(x * x, 1) / D + eps)  # [BLOCK_H]
+                x = x * rstd[:, None] * w[None, :]
+                a, bb = tl.split(tl.reshape(x, [BLOCK_H, BLOCK_P, 2]))  # x[..., 2i], x[..., 2i+1]
+                c = tl.load(COS + s * stride_cs + pairs, mask=pairs < D // 2, other=0.0)[None, :]
+                sn = tl.load(SIN + s * stride_ss + pairs, mask=pairs < D // 2, other=0.0)[None, :]
+                o = tl.reshape(tl.join(a * c - bb * sn, a * sn + bb * c), [BLOCK_H, BLOCK_D])
+                o_ptrs = OUT + ((b * S + s) * H + heads[:, None]) * D + cols[None, :]  # [B, S, H, D] contiguous
+                tl.store(o_ptrs, o.to(OUT.dtype.element_ty), mask=mask)
 
-    def rms_norm_rope(x, weight, cos, sin, eps=1e-6):
-        """x [B, S, H, D] (strided view fine, D unit-stride); weight [D]; cos, sin [S, D/2] float32.
-        Returns RMSNorm(x) * weight rotated in interleaved pairs, [B, S, H, D] contiguous in x's dtype."""
+    def _launch(x, weight, cos, sin, eps, block_t=None, num_warps=None):
         B, S, H, D = x.shape
         assert D % 2 == 0 and weight.shape == (D,), (x.shape, weight.shape)
         assert cos.shape == (S, D // 2) and sin.shape == (S, D // 2), (cos.shape, sin.shape)
@@ -72,9 +66,16 @@ if triton is not None:
         out = torch.empty((B, S, H, D), dtype=x.dtype, device=x.device)
         BLOCK_H = triton.next_power_of_2(H)
         BLOCK_P = triton.next_power_of_2(D // 2)
-        block_t = 2 if _INTERPRET else max(1, min(8, 4096 // (BLOCK_H * 2 * BLOCK_P)))
-        num_warps = 4 if BLOCK_H * BLOCK_P * 2 <= 4096 else 8
+        if block_t is None:
+            block_t = 2 if _INTERPRET else max(1, min(8, 4096 // (BLOCK_H * 2 * BLOCK_P)))
+        if num_warps is None:
+            num_warps = 4 if BLOCK_H * BLOCK_P * 2 <= 4096 else 8
         _rms_norm_rope_kernel[(triton.cdiv(S, block_t), B)](
             x, weight, cos, sin, out, S, H, D, eps, x.stride(0), x.stride(1), x.stride(2),
             cos.stride(0), sin.stride(0), BLOCK_T=block_t, BLOCK_H=BLOCK_H, BLOCK_P=BLOCK_P, num_warps=num_warps)
         return out
+
+    def rms_norm_rope(x, weight, cos, sin, eps=1e-6):
+        """x [B, S, H, D] (strided view fine, D unit-stride); weight [D]; cos, sin [S, D/2] float32.
+        Returns RMSNorm(x) * weight rotated in interleaved pairs, [B, S, H, D] contiguous in x's dtype."""
+        return _launch(x, weight, cos, sin, eps)
