@@ -2,7 +2,7 @@
 
 Random bf16 weights in the real config are built on the GPU once and shared by both models (our parameter
 names equal the checkpoint keys), so 41 GB serves both. Run on the device machine:
-    python -m benchmarks.bench_e2e --out results.json [--cases 1024_b1,1024_b2,4k_b1] [--compiled]
+    python -m benchmarks.bench_e2e --out results.json [--cases 1024_b1,1024_b2,4k_b1] [--compiled 1024_b1,1024_b2]
 """
 import argparse
 import os
@@ -11,7 +11,7 @@ import torch
 
 from benchmarks.common import ceilings, env_info, time_ms, write_json
 from engine.config import MMDiTConfig
-from engine.mmdit import MMDiT, drop_modulation_weights, modulation_table
+from engine.mmdit import MMDiT, modulation_table
 from loaders import assign
 
 FULL = MMDiTConfig()  # 60 blocks, 3072 wide, 24 heads x 128
@@ -111,25 +111,29 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--cases", default="1024_b1,1024_b2,4k_b1")
-    ap.add_argument("--compiled", action="store_true", help="diffusers with compile_repeated_blocks(fullgraph=True)")
+    ap.add_argument("--compiled", default="", help="cases to time again with diffusers' "
+                    "compile_repeated_blocks(fullgraph=True), after the eager ones")
     args = ap.parse_args()
     payload = {"env": env_info(), "ceilings": ceilings(), "cases": {}}
     ref = build_reference()
     ours = ours_sharing(ref)
     payload["weights_gib"] = sum(p.numel() * 2 for p in ref.parameters()) / 2**30
-    if args.compiled:
-        ref.compile_repeated_blocks(fullgraph=True)
+    # the VRAM a resident run frees by dropping img_mod/txt_mod after the precompute
+    payload["modulation_weights_gib"] = sum(p.numel() * 2 for n, p in ref.named_parameters() if "_mod." in n) / 2**30
     for case in args.cases.split(","):
-        payload["cases"][case] = run_case(case, ref, ours, compiled=args.compiled)
+        payload["cases"][case] = run_case(case, ref, ours)
         write_json(args.out, payload)
         print(case, payload["cases"][case], flush=True)
-    if not args.compiled:  # the VRAM a resident run frees by dropping img_mod/txt_mod after precompute
-        payload["modulation_weights_gib"] = drop_modulation_weights(ours) / 2**30
-    write_json(args.out, payload)
+    if args.compiled:
+        ref.compile_repeated_blocks(fullgraph=True)
+        for case in args.compiled.split(","):
+            payload["cases"][case].update(run_case(case, ref, ours, compiled=True))
+            write_json(args.out, payload)
+            print(case, payload["cases"][case], flush=True)
     peak = payload["ceilings"]["matmul_tflops"]
     print(f"\n{payload['env']['gpu']}  matmul ceiling {peak:.0f} TFLOP/s")
     for case, rows in payload["cases"].items():
-        base = rows.get("diffusers") or rows.get("diffusers_compiled")
+        base = rows["diffusers"]
         for name, r in rows.items():
             if isinstance(r, dict):
                 print(f"{case:8s} {name:20s} {r['ms']:9.1f} ms  {r['tflops']:6.0f} TFLOP/s ({100 * r['tflops'] / peak:4.1f}%)"
