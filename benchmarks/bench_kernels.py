@@ -112,11 +112,9 @@ def bench_attention(seqs, rows):
         torch.cuda.empty_cache()
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages, PIPE, tma)
-SWEEP = [(128, 128, 8, 3, False, True), (128, 128, 8, 3, True, True), (128, 128, 8, 2, True, True),
-         (128, 64, 8, 3, False, True), (128, 64, 8, 3, True, True), (128, 64, 8, 4, False, True),
-         (128, 64, 8, 4, True, True), (128, 64, 4, 3, True, True), (128, 128, 8, 3, False, False),
-         (128, 64, 8, 3, False, False)]
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, tma)
+SWEEP = [(128, 128, 8, 3, True), (128, 128, 8, 2, True), (128, 64, 8, 3, True), (128, 64, 8, 4, True),
+         (128, 64, 4, 3, True), (64, 64, 4, 3, True), (128, 128, 8, 3, False), (128, 64, 8, 3, False)]
 
 
 def bench_sweep(rows):
@@ -124,8 +122,8 @@ def bench_sweep(rows):
     S = SEQS[0]
     q, k, v = (torch.randn(B, S, H, D, device=DEV, dtype=DTYPE) for _ in range(3))
     flops = 4 * B * H * S * S * D
-    for bm, bn, w, st, pipe, tma in SWEEP:
-        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, PIPE=pipe)
+    for bm, bn, w, st, tma in SWEEP:
+        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
         row = {"op": "attention_sweep", "S": S, "tma": tma, **cfg}
         try:
             t = ms(lambda: A._launch(q, k, v, tma=tma, config=cfg))
@@ -217,7 +215,7 @@ def table(ceil, rows):
                   f" ({r['tflops'] / ceil['matmul_bf16_tflops']:.0%} of mm){extra}")
         elif r["op"] == "attention_sweep":
             print(f"sweep S={r['S']} tma={r['tma']!s:<5} BM{r['BLOCK_M']} BN{r['BLOCK_N']} w{r['num_warps']} "
-                  f"s{r['num_stages']} pipe={r['PIPE']!s:<5} {r['ms']:8.3f} ms {r['tflops']:6.0f} TFLOP/s")
+                  f"s{r['num_stages']} {r['ms']:8.3f} ms {r['tflops']:6.0f} TFLOP/s")
         elif r["op"].endswith("_sweep"):
             print(f"{r['op']:<36} S={r['S']} block={r['block']} w{r['num_warps']:<3} {r['ms'] * 1e3:7.1f} us "
                   f"{r['gbs']:6.0f} GB/s ({r['gbs'] / ceil['copy_gbs']:.0%} of copy)")

@@ -108,24 +108,14 @@ if triton is not None:
     def _attn_loop(acc, l_i, m_i, q, k_ptrs, v_ptrs, desc_k, desc_v, kv_row0, kv_col,
                    stride_ks, stride_vs, lo, hi, kv_end, offs_m, causal_off, qk_scale,
                    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                   MASK: tl.constexpr, CAUSAL: tl.constexpr, USE_TMA: tl.constexpr, PIPE: tl.constexpr):
-        """Key blocks [lo, hi) of one (batch, head). PIPE (TMA, unmasked blocks only): issue the next block's
-        q k^T before this block's softmax, so the tensor cores run while the exp2s do (FA3's intra-warpgroup
-        overlap). It computes one spare q k^T past hi (TMA reads there are in bounds or zero-filled)."""
-        if PIPE:
-            qk = tl.dot(q, tl.trans(desc_k.load([kv_row0 + lo, kv_col])))
-            for start_n in range(lo, hi, BLOCK_N):
-                start_n = tl.multiple_of(start_n, BLOCK_N)
-                k_next = desc_k.load([kv_row0 + start_n + BLOCK_N, kv_col])
-                v = desc_v.load([kv_row0 + start_n, kv_col])
-                qk_next = tl.dot(q, tl.trans(k_next))
-                acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, v, qk_scale)
-                qk = qk_next
-        else:
-            for start_n in range(lo, hi, BLOCK_N):
-                acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, desc_k, desc_v, kv_row0, kv_col,
-                                            start_n, stride_ks, stride_vs, kv_end, offs_m, causal_off, qk_scale,
-                                            HEAD_D, BLOCK_D, BLOCK_N, MASK, CAUSAL, USE_TMA)
+                   MASK: tl.constexpr, CAUSAL: tl.constexpr, USE_TMA: tl.constexpr):
+        """Key blocks [lo, hi) of one (batch, head). Tried on an H200 (triton 3.6) and dropped: issuing the
+        next block's q k^T before this block's softmax (FA3's intra-warpgroup overlap) was no faster, and
+        tl.range(warp_specialize=True) either failed to compile or changed nothing."""
+        for start_n in range(lo, hi, BLOCK_N):
+            acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, desc_k, desc_v, kv_row0, kv_col,
+                                        start_n, stride_ks, stride_vs, kv_end, offs_m, causal_off, qk_scale,
+                                        HEAD_D, BLOCK_D, BLOCK_N, MASK, CAUSAL, USE_TMA)
         return acc, l_i, m_i
 
     @triton.jit
@@ -135,7 +125,7 @@ if triton is not None:
                          H, GROUP, SQ, SK, SEQ_BUCKET,
                          HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KV_LEN: tl.constexpr,
                          CAUSAL: tl.constexpr, USE_TMA: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PIPE: tl.constexpr = False):
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         # grid (cdiv(Sq, BLOCK_M), B * H): the m-blocks of one head run side by side and share K/V in L2
         start_m = tl.program_id(0)
         bh = tl.program_id(1)
@@ -169,10 +159,10 @@ if triton is not None:
         kv_col = hk * HEAD_D
         acc, l_i, m_i = _attn_loop(acc, l_i, m_i, q, k_ptrs, v_ptrs, desc_k, desc_v, kv_row0, kv_col,
                                    stride_ks, stride_vs, 0, n_full, kv_end, offs_m, causal_off, qk_scale,
-                                   HEAD_D, BLOCK_D, BLOCK_N, False, CAUSAL, USE_TMA, PIPE and USE_TMA)
+                                   HEAD_D, BLOCK_D, BLOCK_N, False, CAUSAL, USE_TMA)
         acc, l_i, m_i = _attn_loop(acc, l_i, m_i, q, k_ptrs, v_ptrs, desc_k, desc_v, kv_row0, kv_col,
                                    stride_ks, stride_vs, n_full, hi, kv_end, offs_m, causal_off, qk_scale,
-                                   HEAD_D, BLOCK_D, BLOCK_N, True, CAUSAL, USE_TMA, False)
+                                   HEAD_D, BLOCK_D, BLOCK_N, True, CAUSAL, USE_TMA)
         out = acc / l_i[:, None]
         o_ptrs = O + b64 * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
         if BLOCK_D == HEAD_D:
@@ -185,22 +175,16 @@ if triton is not None:
             if isinstance(nargs[name], TensorDescriptor or ()):
                 nargs[name].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_D"]]
 
-    def _config(bm, bn, warps, stages, pipe=False):
-        return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "PIPE": pipe}, num_warps=warps, num_stages=stages,
+    def _config(bm, bn, warps, stages):
+        return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages,
                              pre_hook=_tma_block_shape)
-
-    def _prune(configs, named_args, **kwargs):
-        """PIPE needs TMA loads: without them those configs would only duplicate the others."""
-        return [c for c in configs if kwargs.get("USE_TMA") or not c.kwargs["PIPE"]]
 
     if _INTERPRET:  # one small config: the interpreter is slow and cannot benchmark; BM != BN on purpose
         _CONFIGS = [_config(32, 16, 4, 1)]
-    else:  # measured on an H200 at S=8552 (benchmarks/results): 128x128, 8 warps, 3 stages, TMA leads
-        _CONFIGS = [_config(128, 128, 8, 3), _config(128, 128, 8, 3, True), _config(128, 64, 8, 3),
-                    _config(128, 64, 8, 3, True), _config(64, 64, 4, 3)]
+    else:  # H200, S=8552, TMA: 128x128 w8 s3 532 TFLOP/s; 128x64 w8 s3/s4 492/498; 64x64 w4 s3 395 (short S)
+        _CONFIGS = [_config(128, 128, 8, 3), _config(128, 64, 8, 3), _config(128, 64, 8, 4), _config(64, 64, 4, 3)]
     # SEQ_BUCKET = next power of two of max(Sq, Sk): retune per size class, not per exact length
-    _attn_fwd = triton.autotune(_CONFIGS, key=["SEQ_BUCKET", "HEAD_D", "CAUSAL", "USE_TMA"],
-                                prune_configs_by={"early_config_prune": _prune})(_attn_fwd_kernel)
+    _attn_fwd = triton.autotune(_CONFIGS, key=["SEQ_BUCKET", "HEAD_D", "CAUSAL", "USE_TMA"])(_attn_fwd_kernel)
 
     def _tma_ok(t, D):
         """t [B, S, Hk, D] readable as a 2D [B*S, Hk*D] TMA tensor (16-byte aligned rows)."""
@@ -211,7 +195,7 @@ if triton is not None:
 
     def _launch(q, k, v, kv_len=None, causal=False, scale=None, tma=None, config=None):
         """tma: None = use TMA loads for K/V where the GPU and layout allow; config: a dict of BLOCK_M,
-        BLOCK_N, num_warps, num_stages (PIPE) that bypasses autotuning (benchmark sweeps)."""
+        BLOCK_N, num_warps, num_stages that bypasses autotuning (benchmark sweeps)."""
         B, Sq, H, D = q.shape
         Bk, Sk, Hk, Dk = k.shape
         assert k.shape == v.shape and Bk == B and Dk == D, (q.shape, k.shape, v.shape)
