@@ -59,7 +59,7 @@ def inputs(case, seed=1):
     x = torch.randn(B, N, 64, device="cuda", dtype=torch.bfloat16, generator=g)
     txt = torch.randn(B, L, 3584, device="cuda", dtype=torch.bfloat16, generator=g)
     mask = (torch.arange(L, device="cuda")[None] < torch.tensor(lens, device="cuda")[:, None]).long()
-    t = torch.full((B,), 0.6, device="cuda", dtype=torch.bfloat16)
+    t = torch.full((B,), 0.5625, device="cuda", dtype=torch.bfloat16)
     shapes = [(1, h, w), (1, hc, wc)]
     return x, txt, mask, t, shapes, torch.tensor(lens)
 

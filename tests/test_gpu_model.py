@@ -38,7 +38,7 @@ def test_real_width_bf16_error_vs_diffusers(zero_cond_t):
     x = torch.randn(B, 8192, 64, device="cuda")
     txt = torch.randn(B, 360, 3584, device="cuda")
     mask = (torch.arange(360, device="cuda")[None] < torch.tensor(lens, device="cuda")[:, None]).long()
-    t = torch.full((B,), 0.55, device="cuda")
+    t = torch.full((B,), 0.5625, device="cuda")  # exact in bf16: the fp32 reference must see the same timestep
     kw = dict(encoder_hidden_states_mask=mask, img_shapes=[shapes] * B, return_dict=False)
     with torch.inference_mode():
         want = ref32(hidden_states=x, encoder_hidden_states=txt, timestep=t, **kw)[0]
