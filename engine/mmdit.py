@@ -34,7 +34,7 @@ class GeluProj(nn.Module):
         self.proj = nn.Linear(dim, hidden)
 
     def forward(self, x):
-        return F.gelu(self.proj(x), approximate="tanh")
+        return ops.linear_gelu(x, self.proj.weight, self.proj.bias)
 
 
 class FeedForward(nn.Module):

@@ -5,6 +5,9 @@ baseline path in benchmarks); QIE_OPS=triton (default) uses a kernel wherever on
 """
 import os
 
+import torch
+import torch.nn.functional as F
+
 from kernels import attention as _attention
 from kernels import modulation as _modulation
 from kernels import qk_rope as _qk_rope
@@ -55,3 +58,12 @@ def rms_norm_rope(x, weight, cos, sin, eps=1e-6):
     if fn is not None:
         return fn(x, weight, cos, sin, eps=eps)
     return _qk_rope.rms_norm_rope_ref(x, weight, cos, sin, eps=eps)
+
+
+def linear_gelu(x, weight, bias):
+    """gelu_tanh(x @ weight.T + bias). On CUDA the GELU runs in the cuBLASLt GEMM epilogue (tanh form), so
+    the wide MLP hidden is written once instead of written, read and written again."""
+    if x.is_cuda and os.environ.get("QIE_OPS", "triton") != "torch":
+        y = torch._addmm_activation(bias, x.reshape(-1, x.shape[-1]), weight.t(), use_gelu=True)
+        return y.view(*x.shape[:-1], weight.shape[0])
+    return F.gelu(F.linear(x, weight, bias), approximate="tanh")
