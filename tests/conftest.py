@@ -1,8 +1,12 @@
 """Tiny random snapshots saved by the reference libraries' own save_pretrained, in the layout users download."""
 import json
+import os
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # Triton kernels run under the interpreter on CPU-only machines (CI)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 TINY_MMDIT = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=32,
                   num_attention_heads=2, joint_attention_dim=48, axes_dims_rope=(8, 12, 12))

@@ -3,50 +3,29 @@
 CPU (CI):  python -m pytest -q tests/test_kernels.py          tiny, odd shapes under the Triton interpreter
 GPU:       python -m pytest -q -m gpu tests/test_kernels.py   real sizes in bf16/fp16 (device machine)
 
-Without a GPU this module sets TRITON_INTERPRET=1 before importing triton: Triton reads it when a function
-is decorated, its own tl.* helpers included. If another test module imported triton first, the CPU tests
-here are skipped in-process and run instead in one subprocess (test_cpu_kernels_in_subprocess). With a GPU
-the same CPU tests run compiled on CUDA tensors. bf16 is not tested on the CPU: tl.dot in bf16 is broken
+Without a GPU, tests/conftest.py sets TRITON_INTERPRET=1 before anything imports triton (Triton reads it
+when a function is decorated, its own tl.* helpers included). With a GPU the same CPU tests run compiled
+on CUDA tensors. bf16 is not tested on the CPU: tl.dot in bf16 is broken
 under the interpreter.
 """
-import importlib
 import os
-import subprocess
-import sys
 import zlib
 
 import pytest
 import torch
 
 _GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
-# triton already imported in compiled mode: its tl.* helpers cannot be interpreted any more
-_SUBPROCESS = not _GPU and "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
-if not _GPU and not _SUBPROCESS:
-    os.environ["TRITON_INTERPRET"] = "1"
+if not _GPU:  # tests/conftest.py sets this before any test module imports triton
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run from the repo root so tests/conftest.py loads first"
 triton = pytest.importorskip("triton")
 
 import kernels.attention as A  # noqa: E402
 import kernels.modulation as M  # noqa: E402
 import kernels.qk_rope as R  # noqa: E402
 
-for _mod in (A, M, R):  # imported earlier by another test module, decorated under the other mode: redo it
-    if not _SUBPROCESS and getattr(_mod, "_INTERPRET", None) is not (not _GPU):
-        importlib.reload(_mod)
-
 DEV = "cuda" if _GPU else "cpu"
 ATOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}  # absolute, on O(1) outputs
-gpu = pytest.mark.skipif(not _GPU, reason="needs a CUDA GPU")
-in_process = pytest.mark.skipif(_SUBPROCESS, reason="triton was imported before interpreter mode was set; "
-                                "these run in test_cpu_kernels_in_subprocess")
-
-
-@pytest.mark.skipif(not _SUBPROCESS, reason="the CPU tests run in this process")
-def test_cpu_kernels_in_subprocess():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)],
-                       cwd=root, env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+gpu = pytest.mark.gpu  # deselected by default (pyproject addopts); run with -m gpu on the device machine
 
 
 def _poison(shape, dtype):
@@ -102,7 +81,6 @@ ATTN_CASES = [
 ]
 
 
-@in_process
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", ATTN_CASES, ids=lambda c: "B{}_Sq{}_Sk{}_H{}_Hk{}_D{}_kv{}_causal{}".format(*c))
 def test_attention(case, dtype):
@@ -117,7 +95,6 @@ def test_attention(case, dtype):
     _check(out, A.attention_ref(q, k0, v0, kv_len=kv_len, causal=causal), ATOL[dtype], f"attention {case} {dtype}")
 
 
-@in_process
 @pytest.mark.parametrize("path", ["pointer", "tma"])
 @pytest.mark.parametrize("case", [(2, 37, 37, 2, 2, 128, [37, 9], False), (1, 41, 41, 4, 2, 128, [30], True),
                                   (2, 50, 50, 2, 2, 128, None, False)], ids=["kv_len", "causal_gqa", "full"])
@@ -135,7 +112,6 @@ def test_attention_fused_qkv_views(case, path):
     _check(out, A.attention_ref(q, k0, v0, kv_len=kv_len, causal=causal), ATOL[torch.float16], f"views {case}")
 
 
-@in_process
 def test_attention_supports():
     x = torch.zeros(1, 4, 2, 128, dtype=torch.float16)
     assert A.attention.supports(x, x, x, False)
@@ -157,7 +133,6 @@ MOD_CASES = [(1, 1, 48, None), (2, 37, 423, None), (2, 37, 423, 10), (1, 73, 48,
              (1, 37, 48, 36)]
 
 
-@in_process
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", MOD_CASES, ids=lambda c: "B{}_S{}_C{}_split{}".format(*c))
 def test_modulation(case, dtype):
@@ -190,7 +165,6 @@ def _rope_inputs(B, S, H, D, dtype):
     return x, torch.rand(D, device=DEV) + 0.5, angle.cos(), angle.sin()
 
 
-@in_process
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", [(1, 1, 2, 16), (2, 37, 3, 32), (1, 73, 3, 16), (2, 3, 2, 128), (1, 5, 3, 80)],
                          ids=lambda c: "B{}_S{}_H{}_D{}".format(*c))
