@@ -59,13 +59,15 @@ class JointAttention(nn.Module):
 
     def forward(self, img, txt, rope, kv_len):
         """img [B, N, C], txt [B, L, C]; rope = (cos, sin) [N + L, D/2]; kv_len [B] valid joint keys."""
-        N = img.shape[1]
+        (B, N, _), L = img.shape, txt.shape[1]
         cos, sin = rope
         split = lambda t: t.unflatten(-1, (self.heads, self.head_dim))  # [B, S, H, D]
-        q = torch.cat([ops.rms_norm_rope(split(self.to_q(img)), self.norm_q.weight, cos[:N], sin[:N]),
-                       ops.rms_norm_rope(split(self.add_q_proj(txt)), self.norm_added_q.weight, cos[N:], sin[N:])], 1)
-        k = torch.cat([ops.rms_norm_rope(split(self.to_k(img)), self.norm_k.weight, cos[:N], sin[:N]),
-                       ops.rms_norm_rope(split(self.add_k_proj(txt)), self.norm_added_k.weight, cos[N:], sin[N:])], 1)
+        # q and k are normed and rotated straight into the joint [image, text] sequence: no concatenation
+        q, k = (img.new_empty(B, N + L, self.heads, self.head_dim) for _ in range(2))
+        ops.rms_norm_rope(split(self.to_q(img)), self.norm_q.weight, cos[:N], sin[:N], out=q[:, :N])
+        ops.rms_norm_rope(split(self.add_q_proj(txt)), self.norm_added_q.weight, cos[N:], sin[N:], out=q[:, N:])
+        ops.rms_norm_rope(split(self.to_k(img)), self.norm_k.weight, cos[:N], sin[:N], out=k[:, :N])
+        ops.rms_norm_rope(split(self.add_k_proj(txt)), self.norm_added_k.weight, cos[N:], sin[N:], out=k[:, N:])
         v = torch.cat([split(self.to_v(img)), split(self.add_v_proj(txt))], 1)
         out = ops.attention(q, k, v, kv_len=kv_len).flatten(2)  # [B, N + L, C]
         return self.to_out[0](out[:, :N]), self.to_add_out(out[:, N:])

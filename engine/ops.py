@@ -52,12 +52,14 @@ def gated_residual_norm_modulate(x, gate, y, shift, scale, split=None, eps=1e-6)
     return _modulation.gated_residual_norm_modulate_ref(x, gate, y, shift, scale, split=split, eps=eps)
 
 
-def rms_norm_rope(x, weight, cos, sin, eps=1e-6):
-    """x [B, S, H, D] -> RMSNorm(x) * weight, rotated by (cos, sin) [S, D/2] in interleaved pairs."""
+def rms_norm_rope(x, weight, cos, sin, eps=1e-6, out=None):
+    """x [B, S, H, D] -> RMSNorm(x) * weight, rotated by (cos, sin) [S, D/2] in interleaved pairs;
+    written into `out` (a [B, S, H, D] view) when given."""
     fn = _triton(x, _qk_rope, "rms_norm_rope")
     if fn is not None:
-        return fn(x, weight, cos, sin, eps=eps)
-    return _qk_rope.rms_norm_rope_ref(x, weight, cos, sin, eps=eps)
+        return fn(x, weight, cos, sin, eps=eps, out=out)
+    y = _qk_rope.rms_norm_rope_ref(x, weight, cos, sin, eps=eps)
+    return y if out is None else out.copy_(y)
 
 
 def linear_gelu(x, weight, bias):

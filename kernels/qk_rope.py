@@ -33,7 +33,7 @@ if triton is not None:
 
     @triton.jit
     def _rms_norm_rope_kernel(X, W, COS, SIN, OUT, S, H, D, eps,
-                              stride_xb, stride_xs, stride_xh, stride_cs, stride_ss,
+                              stride_xb, stride_xs, stride_xh, stride_cs, stride_ss, stride_ob, stride_os, stride_oh,
                               BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
         # grid (cdiv(S, BLOCK_T), B); per token a contiguous [BLOCK_H heads, 2 * BLOCK_P] tile (16-byte loads),
         # split in registers into the even/odd halves of each pair, rotated, joined back, stored contiguous
@@ -55,15 +55,17 @@ if triton is not None:
                 c = tl.load(COS + s * stride_cs + pairs, mask=pairs < D // 2, other=0.0)[None, :]
                 sn = tl.load(SIN + s * stride_ss + pairs, mask=pairs < D // 2, other=0.0)[None, :]
                 o = tl.reshape(tl.join(a * c - bb * sn, a * sn + bb * c), [BLOCK_H, BLOCK_D])
-                o_ptrs = OUT + ((b * S + s) * H + heads[:, None]) * D + cols[None, :]  # [B, S, H, D] contiguous
+                o_ptrs = OUT + b * stride_ob + s * stride_os + heads[:, None] * stride_oh + cols[None, :]
                 tl.store(o_ptrs, o.to(OUT.dtype.element_ty), mask=mask)
 
-    def _launch(x, weight, cos, sin, eps, block_t=None, num_warps=None):
+    def _launch(x, weight, cos, sin, eps, out=None, block_t=None, num_warps=None):
         B, S, H, D = x.shape
         assert D % 2 == 0 and weight.shape == (D,), (x.shape, weight.shape)
         assert cos.shape == (S, D // 2) and sin.shape == (S, D // 2), (cos.shape, sin.shape)
         assert x.stride(3) == 1 and weight.stride(0) == 1 and cos.stride(1) == 1 and sin.stride(1) == 1
-        out = torch.empty((B, S, H, D), dtype=x.dtype, device=x.device)
+        if out is None:
+            out = torch.empty((B, S, H, D), dtype=x.dtype, device=x.device)
+        assert out.shape == x.shape and out.dtype == x.dtype and out.stride(3) == 1, (out.shape, out.stride())
         BLOCK_H = triton.next_power_of_2(H)
         BLOCK_P = triton.next_power_of_2(D // 2)
         if block_t is None:
@@ -72,10 +74,12 @@ if triton is not None:
             num_warps = 4 if BLOCK_H * BLOCK_P * 2 <= 4096 else 8
         _rms_norm_rope_kernel[(triton.cdiv(S, block_t), B)](
             x, weight, cos, sin, out, S, H, D, eps, x.stride(0), x.stride(1), x.stride(2),
-            cos.stride(0), sin.stride(0), BLOCK_T=block_t, BLOCK_H=BLOCK_H, BLOCK_P=BLOCK_P, num_warps=num_warps)
+            cos.stride(0), sin.stride(0), out.stride(0), out.stride(1), out.stride(2), BLOCK_T=block_t, BLOCK_H=BLOCK_H, BLOCK_P=BLOCK_P, num_warps=num_warps)
         return out
 
-    def rms_norm_rope(x, weight, cos, sin, eps=1e-6):
+    def rms_norm_rope(x, weight, cos, sin, eps=1e-6, out=None):
         """x [B, S, H, D] (strided view fine, D unit-stride); weight [D]; cos, sin [S, D/2] float32.
-        Returns RMSNorm(x) * weight rotated in interleaved pairs, [B, S, H, D] contiguous in x's dtype."""
-        return _launch(x, weight, cos, sin, eps)
+        Returns RMSNorm(x) * weight rotated in interleaved pairs, in x's dtype: a new contiguous
+        [B, S, H, D], or written into `out` (any [B, S, H, D] view with unit D stride, e.g. a slice of
+        the joint sequence the attention reads)."""
+        return _launch(x, weight, cos, sin, eps, out=out)

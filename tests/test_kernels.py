@@ -177,9 +177,23 @@ def test_rms_norm_rope(case, dtype):
     _check(out, R.rms_norm_rope_ref(x, w, cos, sin), 1e-4 if dtype == torch.float32 else 8e-3, f"rope {case}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rms_norm_rope_into_joint_slices(dtype):
+    """out= views: image and text parts written into one [B, N + L, H, D] buffer, nothing else touched."""
+    torch.manual_seed(7)
+    xi, w, ci, si = _rope_inputs(2, 5, 3, 16, dtype)
+    xt, _, ct, st = _rope_inputs(2, 3, 3, 16, dtype)
+    joint = torch.full((2, 9, 3, 16), float("nan"), dtype=dtype, device=DEV)
+    R.rms_norm_rope(xi, w, ci, si, out=joint[:, :5])
+    R.rms_norm_rope(xt, w, ct, st, out=joint[:, 5:8])
+    tol = 1e-4 if dtype == torch.float32 else 8e-3
+    _check(joint[:, :5], R.rms_norm_rope_ref(xi, w, ci, si), tol, "image part")
+    _check(joint[:, 5:8], R.rms_norm_rope_ref(xt, w, ct, st), tol, "text part")
+    assert joint[:, 8].isnan().all(), "wrote past its slice"
+
+
 # ---- GPU: real sizes, relative L2 error vs the float32 reference ----
 
-@pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_attention_mmdit(dtype):
@@ -191,7 +205,6 @@ def test_gpu_attention_mmdit(dtype):
     print("rel L2", _rel_l2(out, A.attention_ref(q, k0, v0, kv_len=kv_len), f"mmdit {dtype}"))
 
 
-@pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("kv", [None, [3000]])
 def test_gpu_attention_causal_gqa(kv):
@@ -204,7 +217,6 @@ def test_gpu_attention_causal_gqa(kv):
     print("rel L2", _rel_l2(out, ref, "causal gqa"))
 
 
-@pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_attention_vision(dtype):
@@ -216,7 +228,6 @@ def test_gpu_attention_vision(dtype):
     print("rel L2", _rel_l2(A.attention(q, k, v), A.attention_ref(q, k, v), f"vision {dtype}"))
 
 
-@pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("split", [None, 4096])
 def test_gpu_modulation(split):
@@ -236,7 +247,6 @@ def test_gpu_modulation(split):
     _rel_l2(out, out_ref, "fused out")
 
 
-@pytest.mark.gpu
 @gpu
 def test_gpu_rms_norm_rope():
     torch.manual_seed(4)
