@@ -1,0 +1,131 @@
+"""VRAM planner decisions on the full-size configs (pure arithmetic, no GPU)."""
+import re
+
+import pytest
+
+from engine.config import MMDiTConfig, VAEConfig
+from engine.offload import stream_blocks
+from engine.planner import (GiB, Job, LoadError, model_sizes_from_configs, need, parse_size, plan,
+                            smallest_budget)
+from engine.text_encoder import TextConfig
+from engine.vision import VisionConfig
+
+EDIT_1K = Job(1024, 1024)                           # CFG: batch 2
+EDIT_4K = Job(4096, 3072, batch=1)                  # 1 MP condition, no CFG
+EDIT_4K_CFG = Job(4096, 3072)
+
+
+@pytest.fixture(scope="module")
+def sizes():
+    return model_sizes_from_configs(MMDiTConfig(), (TextConfig(), VisionConfig()), VAEConfig(), 2)
+
+
+def fits(p):
+    assert all(need(peak) <= p.budget for peak in p.peaks.values()), p.summary()
+
+
+def test_full_size_counts(sizes):
+    assert round(sizes.block_bytes / 2 / 1e6, 1) == 339.8 and round(sizes.mod_bytes / 2 / 1e6, 1) == 113.3
+    assert sizes.blocks == 60 and sizes.te_layers == 28 and sizes.vision_blocks == 32
+    assert round(sizes.te_layer_bytes / 2 / 1e6, 1) == 233.1       # Qwen2.5-VL-7B LM layer
+    total = sizes.te_other + 28 * sizes.te_layer_bytes + 32 * sizes.vision_block_bytes
+    assert round(total / 2 / 1e9, 2) == 7.75                         # 8.29 B minus the 0.55 B lm_head
+
+
+def test_80gib_keeps_everything_resident(sizes):
+    p = plan(80 * GiB, EDIT_1K, sizes)
+    assert (p.mmdit_resident, p.te_resident, p.vision_resident) == (60, 28, 32)
+    assert p.encode_tile is None and p.decode_tile is None and p.streamed_per_step == 0
+    assert p.host_pinned == {"text": 0, "mmdit": 0}
+    fits(p)
+
+
+def test_16gib_streams_some(sizes):
+    from engine.planner import VAE_TILES, decode_peak, denoise_peak, encode_peak
+    p = plan(16 * GiB, EDIT_1K, sizes)
+    r = p.mmdit_resident
+    assert 0 < r < 57 and p.streamed_per_step == p.mmdit_streamed * sizes.stream_bytes
+    assert p.host_pinned["mmdit"] == p.mmdit_streamed * sizes.stream_bytes
+    fits(p)
+    cap = (p.budget - 512 * 2 ** 20) / 1.05
+    # one more resident block does not fit with the VAE at a tile of 64 or more ...
+    assert (denoise_peak(sizes, EDIT_1K, r + 1) > cap or decode_peak(sizes, EDIT_1K, r + 1, 64) > cap
+            or encode_peak(sizes, EDIT_1K, r + 1, 64) > cap)
+    # ... and the VAE takes the largest tile that is left (1024^2 untiled decode: 1.33 GiB, as estimated)
+    larger = VAE_TILES[:VAE_TILES.index(p.decode_tile)] if p.decode_tile else []
+    assert all(decode_peak(sizes, EDIT_1K, r, t) > cap for t in larger if t is None or t < 128)
+    assert decode_peak(sizes, EDIT_1K, r, p.decode_tile) <= cap
+    print(p.summary())
+
+
+def test_6gib_4k_streams_and_tiles(sizes):
+    p = plan(6 * GiB, EDIT_4K, sizes)
+    assert p.mmdit_streamed > 50 and p.decode_tile is not None and p.te_streamed > 0
+    fits(p)
+    print(p.summary())
+
+
+def test_resident_grows_with_budget(sizes):
+    last = -1
+    for gib in range(6, 40, 2):
+        p = plan(gib * GiB, EDIT_1K, sizes)
+        fits(p)
+        assert p.mmdit_resident >= last
+        last = p.mmdit_resident
+    assert last == 60
+
+
+@pytest.mark.parametrize("job,budget", [(EDIT_4K_CFG, 3 * GiB), (EDIT_1K, 2 * GiB), (EDIT_4K, 4 * GiB)])
+def test_too_small_names_a_budget_that_fits(sizes, job, budget):
+    with pytest.raises(LoadError) as e:
+        plan(budget, job, sizes)
+    msg = str(e.value)
+    assert "\n" not in msg and job.describe() in msg and msg.startswith(f"--vram {budget / GiB:.2f} GiB is too small")
+    smallest = float(re.search(r"smallest budget that fits is ([0-9.]+) GiB", msg).group(1))
+    fits(plan(parse_size(f"{smallest}GiB"), job, sizes))
+    with pytest.raises(LoadError):
+        plan(int(smallest * 0.99 * GiB), job, sizes)
+    assert smallest_budget(job, sizes) <= smallest * GiB
+
+
+def test_modes(sizes):
+    p = plan(80 * GiB, EDIT_1K, sizes, mode="stream")
+    assert (p.mmdit_resident, p.te_resident, p.vision_resident) == (0, 0, 0)
+    with pytest.raises(LoadError, match=r"every block resident \(--offload none\); the smallest budget that fits is 2\d"):
+        plan(16 * GiB, EDIT_1K, sizes, mode="none")
+    with pytest.raises(LoadError, match="--offload must be"):
+        plan(16 * GiB, EDIT_1K, sizes, mode="sometimes")
+
+
+def test_without_text_encoder(sizes):
+    p = plan(6 * GiB, Job(1024, 1024, text_encoder=False), sizes)
+    assert "text" not in p.peaks and p.te_layers == 0 and p.host_pinned["text"] == 0
+
+
+def test_sizes_match_what_streaming_moves():
+    """The planner's per-block bytes are what a StreamHandle's slot holds, up to alignment padding."""
+    from engine.mmdit import MMDiT
+    cfg = MMDiTConfig(num_layers=3, attention_head_dim=32, num_attention_heads=2, joint_attention_dim=48,
+                      axes_dims_rope=(8, 12, 12))
+    sizes = model_sizes_from_configs(cfg, None, VAEConfig(), 4)
+    model = MMDiT(cfg)
+    handle = stream_blocks(model.transformer_blocks, "cpu", 0)
+    params = sum(1 for n, _ in model.transformer_blocks[0].named_parameters() if "_mod." not in n)
+    assert sizes.stream_bytes <= handle.slot_bytes < sizes.stream_bytes + 256 * params
+    assert sizes.mmdit_other == sum(p.numel() * 4 for n, p in model.named_parameters()
+                                    if not n.startswith("transformer_blocks"))
+    handle.remove()
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("16GiB", 16 * 2 ** 30), ("16G", 16 * 2 ** 30), ("16gi", 16 * 2 ** 30), ("16", 16 * 2 ** 30),
+    ("6000MiB", 6000 * 2 ** 20), ("6000M", 6000 * 2 ** 20), ("12.5GB", 12_500_000_000), ("512MB", 512_000_000),
+    (" 8 GiB ", 8 * 2 ** 30), ("1.5T", int(1.5 * 2 ** 40)), ("4096B", 4096), (".5G", 2 ** 29)])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["lots", "16XB", "", "-3GiB", "0G", "16 GiBs", "1e9", "GiB"])
+def test_parse_size_refuses(text):
+    with pytest.raises(LoadError, match="--vram"):
+        parse_size(text)
