@@ -125,10 +125,11 @@ class TimestepEmbedder(nn.Module):
         self.linear_2 = nn.Linear(dim, dim)
 
     def forward(self, t, dtype):
-        """t [B] in [0, 1] (sigma), already in the model dtype -> [B, dim]. Sinusoids of 1000·t, cos first."""
+        """t [B] in [0, 1] (sigma), already in the model dtype -> [B, dim]. Sinusoids of 1000·t, cos first;
+        the frequencies stay float32 whatever t's dtype (as the reference's Timesteps module computes them)."""
         half = self.freq_dim // 2
         freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-        args = t[:, None].float() * freqs.to(t.dtype)[None, :] * 1000
+        args = t[:, None].float() * freqs[None, :] * 1000
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(dtype)
         return self.linear_2(F.silu(self.linear_1(emb)))
 

@@ -109,3 +109,32 @@ def test_modulation_table_then_drop(zero_cond_t):
         assert (a - b).abs().max() <= 2e-6 * b.abs().max(), (a - b).abs().max()
     with pytest.raises(RuntimeError, match="dropped"):
         ours(x, txt, torch.tensor([6, 4]), ts[:1].expand(2), shapes)
+
+
+@pytest.mark.parametrize("zero_cond_t", [False, True])
+def test_bf16_semantics_match_diffusers(zero_cond_t):
+    """bf16 on the CPU: the timestep embedding is bit-equal to diffusers' bf16 one, and our error against the
+    float32 reference is no worse than diffusers' own bf16 error (fp32 parity cannot see dtype slips)."""
+    torch.manual_seed(0)
+    ref32 = make_transformer(seed=12, zero_cond_t=zero_cond_t)
+    with torch.no_grad():
+        for n, p in ref32.named_parameters():
+            p.normal_(1.0, 0.1) if ("norm" in n and p.dim() == 1) else p.normal_(0.0, 0.05)
+    ref16 = make_transformer(seed=12, zero_cond_t=zero_cond_t)
+    ref16.load_state_dict(ref32.state_dict())
+    ref16 = ref16.to(torch.bfloat16)
+    ours = ours_from(ref16)
+    t16 = torch.tensor([0.5625, 0.5625], dtype=torch.bfloat16)  # exact in bf16: all models see one timestep
+    with torch.no_grad():
+        x16 = ref16.img_in(torch.zeros(2, 1, 64, dtype=torch.bfloat16))
+        assert torch.equal(ours.time_embedding(t16)[:2], ref16.time_text_embed(t16, x16))
+        g = torch.Generator().manual_seed(2)
+        shapes, lens = [(1, 6, 5), (1, 5, 6)], [11, 7]
+        x, txt = torch.randn(2, 60, 64, generator=g), torch.randn(2, 11, 48, generator=g)
+        mask = (torch.arange(11)[None] < torch.tensor(lens)[:, None]).long()
+        kw = dict(encoder_hidden_states_mask=mask, img_shapes=[shapes] * 2, return_dict=False)
+        want = ref32(hidden_states=x, encoder_hidden_states=txt, timestep=t16.float(), **kw)[0]
+        theirs = ref16(hidden_states=x.bfloat16(), encoder_hidden_states=txt.bfloat16(), timestep=t16, **kw)[0]
+        got = ours(x.bfloat16(), txt.bfloat16(), torch.tensor(lens), t16, shapes)
+    rel = lambda a: ((a.float() - want).norm() / want.norm()).item()
+    assert rel(got) <= max(1.5 * rel(theirs), 1e-3) and rel(got) <= 2e-2, (rel(got), rel(theirs))
