@@ -164,6 +164,13 @@ def cmd_inspect(args):
         print(f"  {r['component']:<13} {str(r.get('class', '')):<32} {extra}")
 
 
+def cmd_bench(args):
+    import runpy
+    module = {"kernels": "benchmarks.bench_kernels", "e2e": "benchmarks.bench_e2e"}[args.suite]
+    sys.argv = [module, *args.rest]
+    runpy.run_module(module, run_name="__main__")
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="cli.py", description="Qwen-Image-Edit, locally.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -188,6 +195,10 @@ def build_parser():
     d = sub.add_parser("demo", help="the whole edit on a tiny built-in random model (no download)")
     _add_run_args(d)
     d.set_defaults(fn=cmd_demo, steps=4, width=768, height=512)
+    b = sub.add_parser("bench", help="GPU benchmarks (arguments after the suite go to its script, e.g. --out r.json)")
+    b.add_argument("suite", choices=["kernels", "e2e"])
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+    b.set_defaults(fn=cmd_bench)
     i = sub.add_parser("inspect", help="what a snapshot holds")
     i.add_argument("model")
     i.set_defaults(fn=cmd_inspect)
