@@ -21,6 +21,9 @@ def _add_run_args(p):
     p.add_argument("--device", default="cuda" if _cuda() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--vram", help="VRAM budget, e.g. 16GiB: plan which blocks stay resident and stream the rest")
+    p.add_argument("--offload", choices=["auto", "none", "stream"],
+                   help="with a budget: auto (as many blocks resident as fit), stream (fewest), none (all resident)")
     p.add_argument("--out", required=False)
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
 
@@ -51,13 +54,28 @@ def _dtype(args):
     return args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
 
 
-def _encode(model_dir, image, args):
+def _plan(model_dir, image, args, text_encoder, cfg_batch):
+    """The VRAM plan when --vram or --offload is given (CUDA only), else None: everything on the device."""
+    if getattr(args, "vram", None) is None and getattr(args, "offload", None) is None:
+        return None
+    from engine.pipeline import make_plan
+    from engine.planner import default_budget, parse_size
+    if args.device != "cuda":
+        raise _input_error("--vram/--offload plan GPU memory; use them with --device cuda")
+    budget = parse_size(args.vram) if args.vram else default_budget("cuda")
+    p = make_plan(model_dir, image.size, getattr(args, "width", None), getattr(args, "height", None), cfg_batch,
+                  text_encoder, budget, args.offload or "auto", _dtype(args))
+    print(p.summary(), file=sys.stderr)
+    return p
+
+
+def _encode(model_dir, image, args, plan=None):
     """--prompt/--negative-prompt -> the tensors an embeddings file holds."""
     from engine.pipeline import encode_text
     t0 = time.perf_counter()
     use_negative = args.negative_prompt is not None and getattr(args, "cfg", 2.0) > 1
     prompts = [args.prompt] + ([args.negative_prompt] if use_negative else [])
-    rows = encode_text(model_dir, image, prompts, device=args.device, dtype=_dtype(args))
+    rows = encode_text(model_dir, image, prompts, device=args.device, dtype=_dtype(args), plan=plan)
     tensors = {"prompt_embeds": rows[0][0], "prompt_embeds_mask": rows[0][1]}
     if len(rows) > 1:
         tensors.update(negative_prompt_embeds=rows[1][0], negative_prompt_embeds_mask=rows[1][1])
@@ -74,7 +92,7 @@ def _read_embeds(embeds_file):
     return tensors
 
 
-def _run_edit(model_dir, image, tensors, args):
+def _run_edit(model_dir, image, tensors, args, plan=None):
     import torch
     from tqdm import tqdm
 
@@ -83,7 +101,7 @@ def _run_edit(model_dir, image, tensors, args):
     from loaders import LoadError, write_png
 
     dtype = _dtype(args)
-    models = load_models(model_dir, device=args.device, dtype=dtype)
+    models = load_models(model_dir, device=args.device, dtype=dtype, plan=plan)
     joint = models.transformer.cfg.joint_attention_dim
     for k in ("prompt_embeds", "negative_prompt_embeds"):
         if k in tensors and tensors[k].shape[-1] != joint:
@@ -103,10 +121,13 @@ def _run_edit(model_dir, image, tensors, args):
     t = models.timings
     line = " ".join(f"{k} {v:.2f}s" for k, v in t.items())
     print(f"wrote {args.out} ({out.width}x{out.height}); {line}")
+    import resource
+    gib = 2 ** 30
+    mem = f"peak host RAM {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / gib:.2f} GiB"
     if args.device == "cuda":
-        gib = 2 ** 30
-        print(f"peak VRAM allocated {torch.cuda.max_memory_allocated() / gib:.2f} GiB, "
-              f"reserved {torch.cuda.max_memory_reserved() / gib:.2f} GiB")
+        mem += (f", peak VRAM allocated {torch.cuda.max_memory_allocated() / gib:.2f} GiB, "
+                f"reserved {torch.cuda.max_memory_reserved() / gib:.2f} GiB")
+    print(mem)
 
 
 def _check_run(args):
@@ -121,8 +142,12 @@ def cmd_edit(args):
     if (args.prompt is None) == (args.prompt_embeds is None):
         raise _input_error("give exactly one of --prompt TEXT or --prompt-embeds FILE")
     image = read_image(args.image)
-    tensors = _read_embeds(args.prompt_embeds) if args.prompt_embeds else _encode(args.model, image, args)
-    _run_edit(args.model, image, tensors, args)
+    tensors = _read_embeds(args.prompt_embeds) if args.prompt_embeds else None
+    cfg_batch = 2 if args.cfg > 1 and (tensors is None or "negative_prompt_embeds" in tensors) else 1
+    plan = _plan(args.model, image, args, text_encoder=tensors is None, cfg_batch=cfg_batch)
+    if tensors is None:
+        tensors = _encode(args.model, image, args, plan)
+    _run_edit(args.model, image, tensors, args, plan)
 
 
 def cmd_encode(args):

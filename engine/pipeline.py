@@ -24,37 +24,68 @@ class EditModels:
     scheduler: SchedulerConfig
     device: str
     dtype: torch.dtype
+    plan: object = None         # engine.planner.Plan when a VRAM budget is in force
     timings: dict = field(default_factory=dict)
 
 
-def load_models(model_dir, device="cpu", dtype="float32"):
+def make_plan(model_dir, image_size, width, height, cfg_batch, text_encoder, budget, mode, dtype, area=1024 * 1024):
+    """The VRAM plan (engine.planner) for one edit of an image of image_size under `budget` bytes."""
+    from .config import MMDiTConfig, VAEConfig
+    from .planner import Job, model_sizes_from_configs, plan
+    from .text_encoder import read_config
+    snap = Snapshot(model_dir)
+    cw, ch = condition_size(*image_size, area)
+    text_cfg = read_config(snap.config("text_encoder")) if text_encoder else None
+    sizes = model_sizes_from_configs(MMDiTConfig.from_dict(snap.config("transformer")), text_cfg,
+                                     VAEConfig.from_dict(snap.config("vae")), torch_dtype(dtype).itemsize)
+    job = Job(width or cw, height or ch, cw, ch, batch=cfg_batch, text_encoder=text_encoder)
+    return plan(budget, job, sizes, mode)
+
+
+def load_models(model_dir, device="cpu", dtype="float32", plan=None):
+    """Transformer, VAE and scheduler config. With a plan, the transformer's blocks beyond
+    plan.mmdit_resident stream from pinned host memory, and its modulation weights never reach the GPU."""
     start = time.perf_counter()
     snap = Snapshot(model_dir)
     snap.require("transformer", "vae", "scheduler")
     dt = torch_dtype(dtype)
-    transformer = load_mmdit(snap, dt, device)
+    transformer = load_mmdit(snap, dt, "cpu" if plan is not None else device)
     if transformer.cfg.use_additional_t_cond:
         raise LoadError(f"{model_dir}: use_additional_t_cond models (Qwen-Image-Layered) are not edit models")
+    if plan is not None:
+        from .offload import move_except, stream_blocks
+        stream_blocks(transformer.transformer_blocks, device, plan.mmdit_resident)
+        move_except(transformer, device, transformer.transformer_blocks)
     vae = load_vae(snap, dt, device)
     scheduler_cfg = SchedulerConfig.from_dict(snap.config("scheduler"))
-    models = EditModels(transformer, vae, scheduler_cfg, device, dt)
+    models = EditModels(transformer, vae, scheduler_cfg, device, dt, plan)
     models.timings["load"] = time.perf_counter() - start
     return models
 
 
-def encode_text(model_dir, image, prompts, device="cpu", dtype="float32", area=1024 * 1024, resize="pil"):
+def encode_text(model_dir, image, prompts, device="cpu", dtype="float32", area=1024 * 1024, resize="pil",
+                plan=None):
     """Prompts -> list of ([1, L_i, D] embeddings, [1, L_i] mask), one per prompt, from the snapshot's
     text_encoder/ + processor/. The VL model sees the condition image at its ≈1 MP size, as the reference
-    does. The text encoder is loaded for this call only and freed afterwards (it is ~16 GB in bf16)."""
+    does. The text encoder is loaded for this call only and freed afterwards (it is ~16 GB in bf16); with
+    a plan, its layers beyond the plan's resident counts stream from pinned host memory."""
     from .processor import load_processor
     from .text_encoder import encode_prompts, load_text_encoder
     snap = Snapshot(model_dir)
     snap.require("text_encoder")
     processor = load_processor(snap, resize=resize)
-    te = load_text_encoder(snap, torch_dtype(dtype), device)
+    te = load_text_encoder(snap, torch_dtype(dtype), "cpu" if plan is not None else device)
+    handles = []
+    if plan is not None:
+        from .offload import move_except, stream_blocks
+        handles = [stream_blocks(te.layers, device, plan.te_resident, skip=()),
+                   stream_blocks(te.visual.blocks, device, plan.vision_resident, skip=())]
+        move_except(te, device, te.layers, te.visual.blocks)
     prompt_image = image.resize(condition_size(*image.size, area), resample=Image.LANCZOS)
     embeds, mask = encode_prompts(processor, te, prompts, prompt_image)
-    del te
+    for h in handles:  # unpin the host buffers before the transformer pins its own
+        h.remove()
+    del te, handles
     if str(device).startswith("cuda"):
         torch.cuda.empty_cache()
     rows = []
@@ -134,7 +165,8 @@ def edit(models: EditModels, image, prompt_embeds, prompt_mask=None, negative_em
 
     with torch.inference_mode():
         cond_pixels = image_to_tensor(image, cw, ch).to(dev, dt)
-        cond_latents = pack(vae.normalize(vae.encode(cond_pixels)))  # [1, Nc, 64]
+        plan = models.plan
+        cond_latents = pack(vae.normalize(vae.encode(cond_pixels, tile=plan.encode_tile if plan else None)))  # [1, Nc, 64]
         timings = {"vae_encode": time.perf_counter() - t0}
 
         rows = [_prompt_rows(prompt_embeds, prompt_mask, "prompt_embeds")]
@@ -156,7 +188,11 @@ def edit(models: EditModels, image, prompt_embeds, prompt_mask=None, negative_em
         sigmas, timesteps = sched.sigmas_for(models.scheduler, opts.steps, mu=mu, sigmas=opts.sigmas)
         t1 = time.perf_counter()
         t_model = [(ts.to(dt) / 1000).to(dev) for ts in timesteps]  # the reference's timestep / 1000
-        mods = modulation_table(mm, t_model)
+        if plan is None:
+            mods = modulation_table(mm, t_model)
+        else:  # the modulation weights stay on the host: each block's visit the GPU once per edit
+            from .offload import modulation_table_streamed
+            mods = modulation_table_streamed(mm, t_model, dev)
         for i in range(len(timesteps)):
             t = t_model[i].expand(B)
             x = torch.cat([latents.expand(B, -1, -1), cond], dim=1)
@@ -174,7 +210,7 @@ def edit(models: EditModels, image, prompt_embeds, prompt_mask=None, negative_em
 
         t2 = time.perf_counter()
         z = vae.denormalize(unpack(latents, lh, lw))
-        out = tensor_to_image(vae.decode(z))
+        out = tensor_to_image(vae.decode(z, tile=plan.decode_tile if plan else None))
         timings["vae_decode"] = time.perf_counter() - t2
     models.timings.update(timings)
     return out

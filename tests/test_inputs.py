@@ -158,6 +158,9 @@ def test_cli_errors_are_one_line(tmp_path, snap):
     assert r.returncode == 2 and "does not exist" in r.stderr and r.stderr.count("\n") == 1
     r = run_cli("inspect", str(tmp_path))
     assert r.returncode == 2 and "no model_index.json" in r.stderr
+    r = run_cli("edit", "--model", str(snap), "--image", str(tmp_path / "in.png"), "--prompt", "x",
+                "--device", "cpu", "--vram", "8GiB", "--out", str(tmp_path / "o.png"))
+    assert r.returncode == 2 and "--device cuda" in r.stderr and r.stderr.count("\n") == 1
 
 
 def test_cli_inspect(snap):
