@@ -13,7 +13,6 @@ The memory-bound kernels run at the first and last S (8552, 53608).
 import argparse
 import datetime
 import json
-import statistics
 import time
 import traceback
 
@@ -25,6 +24,8 @@ from triton.testing import do_bench
 
 from kernels import attention as A
 from kernels import modulation as M
+from benchmarks.common import ceilings as measured_ceilings
+from benchmarks.common import time_ms
 from kernels import qk_rope as R
 
 B, H, D, C = 1, 24, 128, 3072
@@ -34,32 +35,20 @@ TEXT_PAD = 200  # masked runs: the last 200 keys are padding (kv_len = S - 200)
 
 
 def ms(fn, slow_s=0.5):
-    """Median milliseconds of fn() on the GPU."""
+    """Median milliseconds of fn() on the GPU: do_bench for short calls, 3 timed calls for slow ones."""
     fn()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     fn()
     torch.cuda.synchronize()
     if time.perf_counter() - t0 > slow_s:
-        times = []
-        for _ in range(3):
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record()
-            fn()
-            e1.record()
-            torch.cuda.synchronize()
-            times.append(e0.elapsed_time(e1))
-        return statistics.median(times)
+        return time_ms(fn, warmup=0, reps=3)
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
 def ceilings():
-    a, b = (torch.randn(8192, 8192, device=DEV, dtype=DTYPE) for _ in range(2))
-    t_mm = ms(lambda: torch.mm(a, b))
-    x = torch.randn(2**29, device=DEV, dtype=DTYPE)  # 1 GiB
-    y = torch.empty_like(x)
-    t_cp = ms(lambda: y.copy_(x))
-    return {"matmul_bf16_tflops": 2 * 8192**3 / t_mm / 1e9, "copy_gbs": 2 * x.nbytes / t_cp / 1e6}
+    c = measured_ceilings()  # the same measurement bench_e2e uses
+    return {"matmul_bf16_tflops": c["matmul_tflops"], "copy_gbs": c["copy_gbs"]}
 
 
 def _sdpa(backend, qt, kt, vt, mask=None):

@@ -63,3 +63,13 @@ def tiny_snapshot(tmp_path_factory):
     t, v = make_transformer(), make_vae()
     write_snapshot(root, t, v)
     return root, t, v
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny tensors: one thread is as fast, and 2 OpenMP threads on a shared 2-core machine
+    run 5-10x slower while a neighbour holds a core. Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -22,14 +22,7 @@ RTOL = 2e-5   # max |ours - ref| / max |ref|, float32. Reached: encode ~6e-7, de
 # itself is 5.6e-6 from a float64 run (the deep decoder sits at the float32 noise floor).
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: one thread is as fast, and 2 OpenMP threads on a shared 2-core machine
-    run 5-10x slower while a neighbour holds a core. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomize(model, seed):

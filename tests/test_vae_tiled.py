@@ -9,14 +9,7 @@ from tests.test_vae import _randomize
 TOL = 1e-4     # max abs diff at float32; reached <= 3.5e-6 (conv algorithms differ with the crop size)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: one thread is as fast, and 2 OpenMP threads on a shared 2-core machine
-    run 5-10x slower while a neighbour holds a core. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _vae(num_res_blocks, dtype=torch.float32):
