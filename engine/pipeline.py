@@ -149,6 +149,12 @@ def _prompt_rows(embeds, mask, what):
     return embeds[0, :n], n
 
 
+def _sync(device):
+    """Stage timings must include the GPU work queued by the stage."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def edit(models: EditModels, image, prompt_embeds, prompt_mask=None, negative_embeds=None, negative_mask=None,
          opts: RunOptions = None, progress=None):
     """image: PIL RGB; prompt embeddings [1, L, D] (+ masks [1, L]). CFG runs when negative embeddings are
@@ -166,7 +172,9 @@ def edit(models: EditModels, image, prompt_embeds, prompt_mask=None, negative_em
     with torch.inference_mode():
         cond_pixels = image_to_tensor(image, cw, ch).to(dev, dt)
         plan = models.plan
-        cond_latents = pack(vae.normalize(vae.encode(cond_pixels, tile=plan.encode_tile if plan else None)))  # [1, Nc, 64]
+        cond = vae.encode(cond_pixels, tile=plan.encode_tile if plan else None)
+        cond_latents = pack(vae.normalize(cond))  # [1, Nc, 64]
+        _sync(dev)
         timings = {"vae_encode": time.perf_counter() - t0}
 
         rows = [_prompt_rows(prompt_embeds, prompt_mask, "prompt_embeds")]
@@ -180,7 +188,7 @@ def edit(models: EditModels, image, prompt_embeds, prompt_mask=None, negative_em
         gen = torch.Generator("cpu").manual_seed(opts.seed)
         noise = torch.randn((1, 1, vae.cfg.z_dim, lh, lw), generator=gen, dtype=dt)  # the reference's layout
         latents = pack(noise[:, 0].to(dev))  # [1, N, 64]
-        cond = cond_latents.expand(B, -1, -1)
+        cond_tokens = cond_latents.expand(B, -1, -1)
         img_shapes = [(1, lh // 2, lw // 2), (1, ch // multiple, cw // multiple)]
         rope = mm.rope(img_shapes, txt.shape[1], dev)
 
@@ -195,7 +203,7 @@ def edit(models: EditModels, image, prompt_embeds, prompt_mask=None, negative_em
             mods = modulation_table_streamed(mm, t_model, dev)
         for i in range(len(timesteps)):
             t = t_model[i].expand(B)
-            x = torch.cat([latents.expand(B, -1, -1), cond], dim=1)
+            x = torch.cat([latents.expand(B, -1, -1), cond_tokens], dim=1)
             v = mm(x, txt, txt_len, t, img_shapes, rope=rope, mods=mods[i])[:, : latents.shape[1]]
             if use_cfg:
                 pos, neg = v[:1], v[1:]
@@ -204,13 +212,13 @@ def edit(models: EditModels, image, prompt_embeds, prompt_mask=None, negative_em
             latents = sched.euler_step(latents, v, sigmas[i].to(dev), sigmas[i + 1].to(dev))
             if progress is not None:
                 progress(i)
-        if dev.startswith("cuda"):
-            torch.cuda.synchronize()
+        _sync(dev)
         timings["denoise"] = time.perf_counter() - t1
 
         t2 = time.perf_counter()
         z = vae.denormalize(unpack(latents, lh, lw))
         out = tensor_to_image(vae.decode(z, tile=plan.decode_tile if plan else None))
+        _sync(dev)
         timings["vae_decode"] = time.perf_counter() - t2
     models.timings.update(timings)
     return out
