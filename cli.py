@@ -43,6 +43,8 @@ def _check_out(args):
         raise _input_error(f"--out {out} must end in .png")
     if not out.resolve().parent.is_dir():
         raise _input_error(f"folder {out.resolve().parent} does not exist")
+    if not os.access(out.resolve().parent, os.W_OK):
+        raise _input_error(f"folder {out.resolve().parent} is not writable")
 
 
 def _input_error(msg):
@@ -64,7 +66,7 @@ def _plan(model_dir, image, args, text_encoder, cfg_batch):
         raise _input_error("--vram/--offload plan GPU memory; use them with --device cuda")
     budget = parse_size(args.vram) if args.vram else default_budget("cuda")
     p = make_plan(model_dir, image.size, getattr(args, "width", None), getattr(args, "height", None), cfg_batch,
-                  text_encoder, budget, args.offload or "auto", _dtype(args))
+                  text_encoder, budget, args.offload or "auto", _dtype(args), steps=args.steps)
     print(p.summary(), file=sys.stderr)
     return p
 
@@ -105,7 +107,8 @@ def _run_edit(model_dir, image, tensors, args, plan=None):
     joint = models.transformer.cfg.joint_attention_dim
     for k in ("prompt_embeds", "negative_prompt_embeds"):
         if k in tensors and tensors[k].shape[-1] != joint:
-            raise LoadError(f"{embeds_file}: {k} is {tensors[k].shape[-1]} wide, the transformer expects {joint}")
+            raise LoadError(f"{k} is {tensors[k].shape[-1]} wide, the transformer expects {joint}; "
+                            "were the embeddings made with this snapshot's text encoder?")
     opts = RunOptions(steps=args.steps, cfg=args.cfg, seed=args.seed, width=args.width, height=args.height,
                       device=args.device, dtype=dtype)
     if "negative_prompt_embeds" not in tensors and args.cfg > 1:
@@ -171,7 +174,9 @@ def cmd_demo(args):
     print(f"demo snapshot (random weights) {'written to' if fresh else 'cached at'} {root} "
           f"({time.perf_counter() - t0:.2f}s)")
     _check_run(args)
-    _run_edit(root, sample_image(), _read_embeds(root / "demo_prompt.safetensors"), args)
+    image = sample_image()
+    plan = _plan(root, image, args, text_encoder=False, cfg_batch=2 if args.cfg > 1 else 1)
+    _run_edit(root, image, _read_embeds(root / "demo_prompt.safetensors"), args, plan)
 
 
 def cmd_inspect(args):
@@ -245,7 +250,12 @@ def main(argv=None):
     except Exception as e:
         import torch
         if isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower():
-            print("error: out of GPU memory; try --dtype bfloat16 or a smaller --width/--height", file=sys.stderr)
+            print("error: out of GPU memory; give a budget that fits, e.g. --vram 16GiB (weights then stream "
+                  "from host RAM), or a smaller --width/--height", file=sys.stderr)
+            return EXIT_OOM
+        if "can't allocate memory" in str(e).lower() or "defaultcpuallocator" in str(e).lower():
+            print("error: out of host memory; close other programs or use a smaller --width/--height",
+                  file=sys.stderr)
             return EXIT_OOM
         raise
     return 0

@@ -256,9 +256,9 @@ def load_mmdit(snapshot, dtype, device):
 
 def mask_to_lengths(mask, where="prompt_embeds_mask"):
     """[B, L] 0/1 mask -> valid lengths [B]. Only right padding (a valid prefix) is accepted."""
-    mask = mask.bool()
+    mask = mask.cpu().bool()
     lengths = mask.sum(1)
     prefix = torch.arange(mask.shape[1])[None, :] < lengths[:, None]
-    if not torch.equal(prefix, mask.cpu()):
+    if not torch.equal(prefix, mask):
         raise LoadError(f"{where} must be ones then zeros in every row (right padding only)")
     return lengths

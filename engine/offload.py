@@ -253,6 +253,20 @@ def move_except(model: nn.Module, device, *block_lists):
     return moved
 
 
+def move_except_modulation(model, device, names=("img_mod", "txt_mod")):
+    """Resident mode: the whole MMDiT on `device` but its modulation Linears (a third of its weights), which
+    only modulation_table_streamed needs, once per edit. Returns the bytes left on the host."""
+    held = [(blk, n, getattr(blk, n)) for blk in model.transformer_blocks for n in names]
+    for blk, n, _ in held:
+        setattr(blk, n, None)
+    try:
+        model.to(device)
+    finally:
+        for blk, n, m in held:
+            setattr(blk, n, m)
+    return sum(_nbytes(p) for _, _, m in held if m is not None for p in m.parameters())
+
+
 @contextlib.contextmanager
 def _on_device(modules, device):
     """Temporarily give the parameters of `modules` device copies; their host tensors come back after."""

@@ -1,7 +1,8 @@
 """The one dispatch point for fused ops: a Triton kernel on CUDA tensors, the torch reference elsewhere.
 
 Model code calls ops.<name>(...) and never knows which ran. QIE_OPS=torch forces the references (the
-baseline path in benchmarks); QIE_OPS=triton (default) uses a kernel wherever one exists for the inputs.
+baseline path in benchmarks); QIE_OPS=triton (default) uses a kernel wherever one exists for the inputs;
+QIE_OPS=interpret runs the kernels on CPU tensors under the Triton interpreter (the CI's model-level check).
 """
 import os
 
@@ -14,8 +15,10 @@ from kernels import qk_rope as _qk_rope
 
 
 def _triton(t, module, name):
-    """The Triton launcher `name` of `module` if the tensor is on CUDA and kernels are enabled, else None."""
-    if not t.is_cuda or os.environ.get("QIE_OPS", "triton") == "torch":
+    """The Triton launcher `name` of `module` if the tensor is on CUDA and kernels are enabled, else None.
+    QIE_OPS=interpret also sends CPU tensors to the kernels (with TRITON_INTERPRET=1: tests only)."""
+    mode = os.environ.get("QIE_OPS", "triton")
+    if mode == "torch" or (not t.is_cuda and mode != "interpret"):
         return None
     return getattr(module, name, None)
 

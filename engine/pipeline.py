@@ -14,7 +14,8 @@ from loaders import LoadError, Snapshot, torch_dtype
 
 from . import scheduler as sched
 from .config import RunOptions, SchedulerConfig
-from .mmdit import MMDiT, load_mmdit, mask_to_lengths, modulation_table
+from .mmdit import MMDiT, load_mmdit, mask_to_lengths
+from .offload import modulation_table_streamed, move_except, move_except_modulation, stream_blocks
 from .vae import QwenImageVAE, load_vae
 
 @dataclass
@@ -28,7 +29,8 @@ class EditModels:
     timings: dict = field(default_factory=dict)
 
 
-def make_plan(model_dir, image_size, width, height, cfg_batch, text_encoder, budget, mode, dtype, area=1024 * 1024):
+def make_plan(model_dir, image_size, width, height, cfg_batch, text_encoder, budget, mode, dtype, area=1024 * 1024,
+              steps=50):
     """The VRAM plan (engine.planner) for one edit of an image of image_size under `budget` bytes."""
     from .config import MMDiTConfig, VAEConfig
     from .planner import Job, model_sizes_from_configs, plan
@@ -38,7 +40,7 @@ def make_plan(model_dir, image_size, width, height, cfg_batch, text_encoder, bud
     text_cfg = read_config(snap.config("text_encoder")) if text_encoder else None
     sizes = model_sizes_from_configs(MMDiTConfig.from_dict(snap.config("transformer")), text_cfg,
                                      VAEConfig.from_dict(snap.config("vae")), torch_dtype(dtype).itemsize)
-    job = Job(width or cw, height or ch, cw, ch, batch=cfg_batch, text_encoder=text_encoder)
+    job = Job(width or cw, height or ch, cw, ch, batch=cfg_batch, steps=steps, text_encoder=text_encoder)
     return plan(budget, job, sizes, mode)
 
 
@@ -49,13 +51,15 @@ def load_models(model_dir, device="cpu", dtype="float32", plan=None):
     snap = Snapshot(model_dir)
     snap.require("transformer", "vae", "scheduler")
     dt = torch_dtype(dtype)
-    transformer = load_mmdit(snap, dt, "cpu" if plan is not None else device)
+    transformer = load_mmdit(snap, dt, "cpu")
     if transformer.cfg.use_additional_t_cond:
         raise LoadError(f"{model_dir}: use_additional_t_cond models (Qwen-Image-Layered) are not edit models")
+    # the modulation weights stay on the host either way: modulation_table_streamed visits them once per edit
     if plan is not None:
-        from .offload import move_except, stream_blocks
         stream_blocks(transformer.transformer_blocks, device, plan.mmdit_resident)
         move_except(transformer, device, transformer.transformer_blocks)
+    else:
+        move_except_modulation(transformer, device)
     vae = load_vae(snap, dt, device)
     scheduler_cfg = SchedulerConfig.from_dict(snap.config("scheduler"))
     models = EditModels(transformer, vae, scheduler_cfg, device, dt, plan)
@@ -77,7 +81,6 @@ def encode_text(model_dir, image, prompts, device="cpu", dtype="float32", area=1
     te = load_text_encoder(snap, torch_dtype(dtype), "cpu" if plan is not None else device)
     handles = []
     if plan is not None:
-        from .offload import move_except, stream_blocks
         handles = [stream_blocks(te.layers, device, plan.te_resident, skip=()),
                    stream_blocks(te.visual.blocks, device, plan.vision_resident, skip=())]
         move_except(te, device, te.layers, te.visual.blocks)
@@ -100,7 +103,10 @@ def condition_size(width, height, area=1024 * 1024):
     ratio = width / height
     w = math.sqrt(area * ratio)
     h = w / ratio
-    return round(w / 32) * 32, round(h / 32) * 32
+    w, h = round(w / 32) * 32, round(h / 32) * 32
+    if w == 0 or h == 0:
+        raise LoadError(f"image is {width}x{height} px: its aspect ratio is too extreme to edit (crop it first)")
+    return w, h
 
 
 def image_to_tensor(img, width, height):
@@ -143,6 +149,8 @@ def _prompt_rows(embeds, mask, what):
         return None
     if embeds.dim() != 3 or embeds.shape[0] != 1:
         raise LoadError(f"{what} must be [1, L, D], got {tuple(embeds.shape)}")
+    if mask is not None and tuple(mask.shape) != tuple(embeds.shape[:2]):
+        raise LoadError(f"{what}_mask is {tuple(mask.shape)}, expected {tuple(embeds.shape[:2])} to match {what}")
     n = int(mask_to_lengths(mask, what + "_mask")[0]) if mask is not None else embeds.shape[1]
     if n == 0:
         raise LoadError(f"{what} has no valid token")
@@ -182,6 +190,7 @@ def edit(models: EditModels, image, prompt_embeds, prompt_mask=None, negative_em
         if use_cfg:
             rows.append(_prompt_rows(negative_embeds, negative_mask, "negative_prompt_embeds"))
         txt, txt_len = pad_text([r[0].to(dev, dt) for r in rows], [r[1] for r in rows])
+        txt_len = txt_len.to(dev)  # once, not a host-to-device copy per step
         B = txt.shape[0]
 
         lh, lw = 2 * (height // multiple), 2 * (width // multiple)  # latent size
@@ -194,13 +203,10 @@ def edit(models: EditModels, image, prompt_embeds, prompt_mask=None, negative_em
 
         mu = sched.image_seq_mu(latents.shape[1], models.scheduler)
         sigmas, timesteps = sched.sigmas_for(models.scheduler, opts.steps, mu=mu, sigmas=opts.sigmas)
+        sigmas = sigmas.to(dev)
         t1 = time.perf_counter()
         t_model = [(ts.to(dt) / 1000).to(dev) for ts in timesteps]  # the reference's timestep / 1000
-        if plan is None:
-            mods = modulation_table(mm, t_model)
-        else:  # the modulation weights stay on the host: each block's visit the GPU once per edit
-            from .offload import modulation_table_streamed
-            mods = modulation_table_streamed(mm, t_model, dev)
+        mods = modulation_table_streamed(mm, t_model, dev)  # every step's, before the loop
         for i in range(len(timesteps)):
             t = t_model[i].expand(B)
             x = torch.cat([latents.expand(B, -1, -1), cond_tokens], dim=1)
@@ -209,7 +215,7 @@ def edit(models: EditModels, image, prompt_embeds, prompt_mask=None, negative_em
                 pos, neg = v[:1], v[1:]
                 comb = neg + opts.cfg * (pos - neg)
                 v = comb * (torch.norm(pos, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
-            latents = sched.euler_step(latents, v, sigmas[i].to(dev), sigmas[i + 1].to(dev))
+            latents = sched.euler_step(latents, v, sigmas[i], sigmas[i + 1])
             if progress is not None:
                 progress(i)
         _sync(dev)

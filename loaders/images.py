@@ -13,9 +13,11 @@ MAX_PIXELS = 100_000_000  # larger inputs are refused before decoding; the edit 
 def read_image(path):
     """Any PIL-readable file -> RGB PIL image, EXIF orientation applied. 16-bit and float images are
     scaled to 8 bits (not clipped); alpha is composited over white; CMYK and palettes converted."""
+    limit = Image.MAX_IMAGE_PIXELS
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # our own limit below, with our own message
             img = Image.open(path)
             w, h = img.size
             if w * h > MAX_PIXELS:
@@ -27,10 +29,13 @@ def read_image(path):
         raise
     except FileNotFoundError:
         raise LoadError(f"image {path} does not exist") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as e:
+    except Image.DecompressionBombError:
+        raise LoadError(f"{path} is over the {MAX_PIXELS // 10**6} MP limit; downscale it first") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise LoadError(f"cannot read image {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
                         "is it a complete PNG/JPEG/WebP file?") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
     if img.width == 0 or img.height == 0:
         raise LoadError(f"image {path} has zero size")
     return to_rgb(img)
@@ -39,7 +44,10 @@ def read_image(path):
 def to_rgb(img):
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         a = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        if img.mode == "F" and a.max() <= 1.0:  # float images in [0, 1]
+            top = 1.0
+        else:
+            top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
         a = np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(a, mode="L").convert("RGB")
     if img.mode == "P":

@@ -23,6 +23,8 @@ def read_json(path):
         return json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise LoadError(f"{path} is not valid JSON ({e}); re-download it") from None
+    except OSError as e:
+        raise LoadError(f"cannot read {path}: {e.strerror}") from None
 
 
 def _weight_files(folder):
@@ -163,8 +165,13 @@ def atomic_write_bytes(path, data, force=False):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_bytes(data)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the output
         os.replace(tmp, path)
+    except OSError as e:
+        raise LoadError(f"cannot write {path}: {e.strerror}; nothing was overwritten") from None
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -1,7 +1,5 @@
 """GPU: our MMDiT at real width (3072, 24 heads), a few blocks, bf16 vs diffusers' bf16 and fp32.
 Run on the device machine: python -m pytest -q -m gpu tests/test_gpu_model.py -s"""
-import os
-
 import pytest
 import torch
 
@@ -17,7 +15,7 @@ def rel_l2(a, b):
 
 
 @pytest.mark.parametrize("zero_cond_t", [False, True])
-def test_real_width_bf16_error_vs_diffusers(zero_cond_t):
+def test_real_width_bf16_error_vs_diffusers(zero_cond_t, monkeypatch):
     from diffusers import QwenImageTransformer2DModel
     torch.manual_seed(0)
     ref32 = QwenImageTransformer2DModel(num_layers=3, zero_cond_t=zero_cond_t).cuda().eval()
@@ -45,11 +43,10 @@ def test_real_width_bf16_error_vs_diffusers(zero_cond_t):
         theirs = ref16(hidden_states=x.bfloat16(), encoder_hidden_states=txt.bfloat16(), timestep=t.bfloat16(), **kw)[0]
         t16 = t.bfloat16()
         mods = modulation_table(ours, t16[:1])[0]
-        os.environ["QIE_OPS"] = "triton"
+        monkeypatch.setenv("QIE_OPS", "triton")
         got = ours(x.bfloat16(), txt.bfloat16(), torch.tensor(lens), t16, shapes, mods=mods)
-        os.environ["QIE_OPS"] = "torch"
+        monkeypatch.setenv("QIE_OPS", "torch")
         got_ref_ops = ours(x.bfloat16(), txt.bfloat16(), torch.tensor(lens), t16, shapes, mods=mods)
-        os.environ["QIE_OPS"] = "triton"
     e_ours, e_theirs, e_refops = rel_l2(got, want), rel_l2(theirs, want), rel_l2(got_ref_ops, want)
     print(f"\nzero_cond_t={zero_cond_t}: rel L2 vs fp32 reference: ours {e_ours:.3e}, ours (torch ops) "
           f"{e_refops:.3e}, diffusers bf16 {e_theirs:.3e}")

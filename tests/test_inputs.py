@@ -176,3 +176,32 @@ def test_cli_demo_runs(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "random weights" in r.stdout and "denoise" in r.stdout
     assert Image.open(out).size == (64, 64)
+
+
+def test_cli_embeddings_of_wrong_width_or_mask(tmp_path, tiny_snapshot):
+    from engine.pipeline import _prompt_rows
+    from loaders import write_tensors
+    Image.new("RGB", (32, 32)).save(tmp_path / "in.png")
+    write_tensors({"prompt_embeds": torch.zeros(1, 5, 32)}, tmp_path / "e.safetensors")
+    r = run_cli("edit", "--model", str(tiny_snapshot[0]), "--image", str(tmp_path / "in.png"), "--prompt-embeds",
+                str(tmp_path / "e.safetensors"), "--device", "cpu", "--out", str(tmp_path / "o.png"))
+    assert r.returncode == 2 and "32 wide" in r.stderr and r.stderr.count("\n") == 1
+    with pytest.raises(LoadError, match="prompt_embeds_mask is \\(1, 9\\), expected \\(1, 5\\)"):
+        _prompt_rows(torch.zeros(1, 5, 48), torch.ones(1, 9), "prompt_embeds")
+
+
+def test_large_and_float_images(tmp_path, monkeypatch):
+    import loaders.images as images
+    monkeypatch.setattr(images, "MAX_PIXELS", 800)  # stands in for 100 MP: PIL's own bomb check must not win
+    Image.new("RGB", (30, 30)).save(tmp_path / "big.png")  # 900 px: our check, PIL's bomb check not reached
+    with pytest.raises(LoadError, match="30x30 .* downscale it first"):
+        read_image(tmp_path / "big.png")
+    Image.new("RGB", (60, 40)).save(tmp_path / "big.png")  # 2400 px: past PIL's 2x bomb limit, same message
+    with pytest.raises(LoadError, match="downscale it first"):
+        read_image(tmp_path / "big.png")
+    monkeypatch.undo()
+    Image.new("RGB", (40, 20)).save(tmp_path / "ok.png")
+    assert read_image(tmp_path / "ok.png").size == (40, 20)
+    half = Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32), mode="F")
+    half.save(tmp_path / "f.tiff")
+    assert abs(int(np.asarray(read_image(tmp_path / "f.tiff"))[0, 0, 0]) - 128) <= 1  # [0, 1] floats, not /255

@@ -1,4 +1,6 @@
 """Our MMDiT vs diffusers' QwenImageTransformer2DModel on the same random weights (float32, CPU)."""
+import os
+
 import pytest
 import torch
 
@@ -138,3 +140,30 @@ def test_bf16_semantics_match_diffusers(zero_cond_t):
         got = ours(x.bfloat16(), txt.bfloat16(), torch.tensor(lens), t16, shapes)
     rel = lambda a: ((a.float() - want).norm() / want.norm()).item()
     assert rel(got) <= max(1.5 * rel(theirs), 1e-3) and rel(got) <= 2e-2, (rel(got), rel(theirs))
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="runs the Triton kernels on CPU tensors, which needs TRITON_INTERPRET=1 (set by conftest "
+                    "on machines without CUDA); on a GPU machine tests/test_gpu_model.py covers the kernels")
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the NaN padded text rows pass the text stream's norms
+@pytest.mark.parametrize("zero_cond_t", [False, True])
+def test_forward_through_triton_kernels(monkeypatch, zero_cond_t):
+    """The whole model through the Triton kernels (interpreter): stride-0 modulation rows, the split between
+    modulation sets, q/k written into joint-sequence slices, kv_len with padded text."""
+    from engine.mmdit import modulation_table
+    ours = ours_from(make_transformer(seed=13, zero_cond_t=zero_cond_t))  # matches diffusers (tests above)
+    g = torch.Generator().manual_seed(21)
+    shapes, lens = [(1, 3, 5), (1, 5, 3)], torch.tensor([9, 4])
+    x, txt = torch.randn(2, 30, 64, generator=g), torch.randn(2, 9, TINY_MMDIT["joint_attention_dim"], generator=g)
+    txt[1, 4:] = float("nan")  # padded text: must not leak into the valid rows through attention
+    t = torch.full((2,), 0.37)
+    with torch.no_grad():
+        mods = modulation_table(ours, t[:1])[0]  # batch-1 table: stride-0 rows in the kernels
+        monkeypatch.setenv("QIE_OPS", "torch")
+        want = ours(x, txt.nan_to_num(), lens, t, shapes, mods=mods)
+        monkeypatch.setenv("QIE_OPS", "interpret")
+        got = ours(x, txt, lens, t, shapes, mods=mods)
+    assert not got[:, :30].isnan().any()
+    got, want = got[:, :30], want[:, :30]
+    err = (got - want).abs().max().item()
+    assert err <= 1e-4 * want.abs().max().item(), f"max abs diff {err:.3g}"

@@ -250,3 +250,16 @@ def test_edit_with_streamed_transformer(tiny_snapshot):
     got = np.asarray(edit(models, image, pe, pm, ne, nm, opts))
     assert np.array_equal(got, want) and handle.misses == 1
     handle.remove()
+
+
+def test_resident_mode_leaves_modulation_on_host():
+    """move_except_modulation: everything goes to the device but img_mod/txt_mod (the meta device stands in
+    for the GPU); the bytes it reports are exactly the modulation weights'."""
+    from engine.offload import move_except_modulation
+    from tests.conftest import make_transformer
+    from tests.test_mmdit import ours_from
+    model = ours_from(make_transformer(seed=1))
+    mod_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "_mod." in n)
+    assert move_except_modulation(model, "meta") == mod_bytes
+    for name, p in model.named_parameters():
+        assert p.device.type == ("cpu" if "_mod." in name else "meta"), name
