@@ -95,42 +95,81 @@ def _read_embeds(embeds_file):
 
 
 def _run_edit(model_dir, image, tensors, args, plan=None):
-    import torch
+    from engine.pipeline import load_models
+    models = load_models(model_dir, device=args.device, dtype=_dtype(args), plan=plan)
+    _edit_one(models, image, tensors, args, args.out, args.force)
+    _print_memory(args.device)
+
+
+def _edit_one(models, image, tensors, job, out_path, force):
+    """One edit with loaded models; job carries steps, cfg, seed, width, height."""
     from tqdm import tqdm
 
     from engine.config import RunOptions
-    from engine.pipeline import edit, load_models
+    from engine.pipeline import edit
     from loaders import LoadError, write_png
 
-    dtype = _dtype(args)
-    models = load_models(model_dir, device=args.device, dtype=dtype, plan=plan)
     joint = models.transformer.cfg.joint_attention_dim
     for k in ("prompt_embeds", "negative_prompt_embeds"):
         if k in tensors and tensors[k].shape[-1] != joint:
             raise LoadError(f"{k} is {tensors[k].shape[-1]} wide, the transformer expects {joint}; "
                             "were the embeddings made with this snapshot's text encoder?")
-    opts = RunOptions(steps=args.steps, cfg=args.cfg, seed=args.seed, width=args.width, height=args.height,
-                      device=args.device, dtype=dtype)
-    if "negative_prompt_embeds" not in tensors and args.cfg > 1:
+    opts = RunOptions(steps=job.steps, cfg=job.cfg, seed=job.seed, width=job.width, height=job.height)
+    if "negative_prompt_embeds" not in tensors and job.cfg > 1:
         print("note: no negative prompt embeddings, so CFG is off", file=sys.stderr)
-    bar = tqdm(total=args.steps, desc="denoise", unit="step", file=sys.stderr)
+    bar = tqdm(total=job.steps, desc="denoise", unit="step", file=sys.stderr)
     try:
         out = edit(models, image, tensors["prompt_embeds"], tensors.get("prompt_embeds_mask"),
                    tensors.get("negative_prompt_embeds"), tensors.get("negative_prompt_embeds_mask"),
                    opts, progress=lambda i: bar.update(1))
     finally:
         bar.close()
-    write_png(out, args.out, force=args.force)
-    t = models.timings
-    line = " ".join(f"{k} {v:.2f}s" for k, v in t.items())
-    print(f"wrote {args.out} ({out.width}x{out.height}); {line}")
+    write_png(out, out_path, force=force)
+    line = " ".join(f"{k} {v:.2f}s" for k, v in models.timings.items())
+    print(f"wrote {out_path} ({out.width}x{out.height}); {line}")
+
+
+def _print_memory(device):
     import resource
+
+    import torch
     gib = 2 ** 30
     mem = f"peak host RAM {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / gib:.2f} GiB"
-    if args.device == "cuda":
+    if device == "cuda":
         mem += (f", peak VRAM allocated {torch.cuda.max_memory_allocated() / gib:.2f} GiB, "
                 f"reserved {torch.cuda.max_memory_reserved() / gib:.2f} GiB")
     print(mem)
+
+
+def cmd_batch(args):
+    """Every line checked and every image read first; then one text-encoder load for all prompts, one
+    transformer load for all edits."""
+    from types import SimpleNamespace
+
+    from engine.pipeline import encode_texts, load_models
+    from loaders import read_image
+    from loaders.jobs import read_jobs
+    if args.out or args.vram or args.offload:
+        raise _input_error("batch takes each output from its job line, and does not plan VRAM (no --out/--vram)")
+    jobs = [SimpleNamespace(**{**{k: getattr(args, k) for k in ("steps", "cfg", "seed", "width", "height",
+                                                                "negative_prompt")}, **j})
+            for j in read_jobs(args.jobs, force=args.force)]
+    for j in jobs:
+        _check_run(j)
+    images = [read_image(j.image) for j in jobs]
+    tensors = [_read_embeds(j.prompt_embeds) if getattr(j, "prompt_embeds", None) else None for j in jobs]
+    text = [i for i, t in enumerate(tensors) if t is None]
+    if text:
+        prompts = [[jobs[i].prompt] + ([jobs[i].negative_prompt] if jobs[i].cfg > 1 else []) for i in text]
+        encoded = encode_texts(args.model, [(images[i], p) for i, p in zip(text, prompts)], args.device, _dtype(args))
+        for i, rows in zip(text, encoded):
+            tensors[i] = {"prompt_embeds": rows[0][0], "prompt_embeds_mask": rows[0][1]}
+            if len(rows) > 1:
+                tensors[i].update(negative_prompt_embeds=rows[1][0], negative_prompt_embeds_mask=rows[1][1])
+    models = load_models(args.model, device=args.device, dtype=_dtype(args))
+    for j, image, t in zip(jobs, images, tensors):
+        _edit_one(models, image, t, j, j.out, args.force)
+    _print_memory(args.device)
 
 
 def _check_run(args):
@@ -225,6 +264,13 @@ def build_parser():
     d = sub.add_parser("demo", help="the whole edit on a tiny built-in random model (no download)")
     _add_run_args(d)
     d.set_defaults(fn=cmd_demo, steps=4, width=768, height=512)
+    j = sub.add_parser("batch", help="many edits from a jobs.jsonl with one model load (see loaders/jobs.py)")
+    j.add_argument("jobs", help="one JSON object per line: image, out, prompt or prompt_embeds, optional "
+                   "negative_prompt/seed/steps/cfg/width/height (defaults from the flags below)")
+    j.add_argument("--model", required=True)
+    j.add_argument("--negative-prompt", default=" ")
+    _add_run_args(j)
+    j.set_defaults(fn=cmd_batch)
     b = sub.add_parser("bench", help="GPU benchmarks (arguments after the suite go to its script, e.g. --out r.json)")
     b.add_argument("suite", choices=["kernels", "e2e"])
     b.add_argument("rest", nargs=argparse.REMAINDER)

@@ -73,6 +73,11 @@ def encode_text(model_dir, image, prompts, device="cpu", dtype="float32", area=1
     text_encoder/ + processor/. The VL model sees the condition image at its ≈1 MP size, as the reference
     does. The text encoder is loaded for this call only and freed afterwards (it is ~16 GB in bf16); with
     a plan, its layers beyond the plan's resident counts stream from pinned host memory."""
+    return encode_texts(model_dir, [(image, prompts)], device, dtype, area, resize, plan)[0]
+
+
+def encode_texts(model_dir, jobs, device="cpu", dtype="float32", area=1024 * 1024, resize="pil", plan=None):
+    """encode_text for many (image, prompts) jobs with one load of the text encoder."""
     from .processor import load_processor
     from .text_encoder import encode_prompts, load_text_encoder
     snap = Snapshot(model_dir)
@@ -84,18 +89,18 @@ def encode_text(model_dir, image, prompts, device="cpu", dtype="float32", area=1
         handles = [stream_blocks(te.layers, device, plan.te_resident, skip=()),
                    stream_blocks(te.visual.blocks, device, plan.vision_resident, skip=())]
         move_except(te, device, te.layers, te.visual.blocks)
-    prompt_image = image.resize(condition_size(*image.size, area), resample=Image.LANCZOS)
-    embeds, mask = encode_prompts(processor, te, prompts, prompt_image)
+    results = []
+    for image, prompts in jobs:
+        prompt_image = image.resize(condition_size(*image.size, area), resample=Image.LANCZOS)
+        embeds, mask = encode_prompts(processor, te, prompts, prompt_image)
+        results.append([(embeds[i:i + 1, :int(mask[i].sum())].cpu(), mask[i:i + 1, :int(mask[i].sum())].cpu())
+                        for i in range(len(prompts))])
     for h in handles:  # unpin the host buffers before the transformer pins its own
         h.remove()
     del te, handles
     if str(device).startswith("cuda"):
         torch.cuda.empty_cache()
-    rows = []
-    for i in range(len(prompts)):
-        n = int(mask[i].sum())
-        rows.append((embeds[i:i + 1, :n].cpu(), mask[i:i + 1, :n].cpu()))
-    return rows
+    return results
 
 
 def condition_size(width, height, area=1024 * 1024):

@@ -87,3 +87,39 @@ def test_cli_encode_then_edit_equals_prompt_edit(text_snapshot, tmp_path, monkey
                      "--out", str(tmp_path / "a.png")]) == 0
     assert cli.main(["edit", *common, *run, "--prompt", "make it snowy", "--out", str(tmp_path / "b.png")]) == 0
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+
+
+def test_cli_batch_equals_single_edits(text_snapshot, tmp_path, monkeypatch, capsys):
+    """One model load for a prompt job and an embeddings job: the same PNGs as two single edits."""
+    import json
+
+    import engine.pipeline as pl
+    orig = pl.condition_size
+    monkeypatch.setattr(pl, "condition_size", lambda w, h, area=None: orig(w, h, SMALL_AREA))
+    random_image(100, 80, seed=4).save(tmp_path / "a.png")
+    random_image(70, 90, seed=5).save(tmp_path / "b.png")
+    common = ["--model", str(text_snapshot), "--device", "cpu"]
+    assert cli.main(["encode", *common, "--image", str(tmp_path / "b.png"), "--prompt", "snow",
+                     "--out", str(tmp_path / "e.safetensors")]) == 0
+    for img, extra, out in [("a.png", ["--prompt", "make it snowy", "--seed", "3"], "single_a.png"),
+                            ("b.png", ["--prompt-embeds", str(tmp_path / "e.safetensors"), "--cfg", "2.5"], "single_b.png")]:
+        assert cli.main(["edit", *common, "--image", str(tmp_path / img), "--steps", "2", *extra,
+                         "--out", str(tmp_path / out)]) == 0
+    jobs = [{"image": str(tmp_path / "a.png"), "prompt": "make it snowy", "seed": 3, "out": str(tmp_path / "batch_a.png")},
+            {"image": str(tmp_path / "b.png"), "prompt_embeds": str(tmp_path / "e.safetensors"), "cfg": 2.5,
+             "out": str(tmp_path / "batch_b.png")}]
+    (tmp_path / "jobs.jsonl").write_text("\n".join(json.dumps(j) for j in jobs) + "\n")
+    assert cli.main(["batch", str(tmp_path / "jobs.jsonl"), *common, "--steps", "2"]) == 0
+    for x in "ab":
+        assert (tmp_path / f"batch_{x}.png").read_bytes() == (tmp_path / f"single_{x}.png").read_bytes()
+
+    # a bad line stops the batch before any work: one line naming it, nothing written
+    jobs.append({"image": str(tmp_path / "a.png"), "prompt": "x", "out": str(tmp_path / "c.png"), "sead": 1})
+    (tmp_path / "jobs.jsonl").write_text("\n".join(json.dumps(j) for j in jobs) + "\n")
+    capsys.readouterr()
+    assert cli.main(["batch", str(tmp_path / "jobs.jsonl"), *common, "--force"]) == 2
+    err = capsys.readouterr().err
+    assert "jobs.jsonl:3: unknown field(s) sead" in err and err.count("\n") == 1
+    assert not (tmp_path / "c.png").exists()
+    assert cli.main(["batch", str(tmp_path / "jobs.jsonl"), *common]) == 2  # outputs exist, no --force
+    assert "exists; pass --force" in capsys.readouterr().err
