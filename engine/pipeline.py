@@ -26,6 +26,7 @@ class EditModels:
     device: str
     dtype: torch.dtype
     plan: object = None         # engine.planner.Plan when a VRAM budget is in force
+    stream: object = None       # engine.offload.StreamHandle of the transformer blocks; .remove() unpins
     timings: dict = field(default_factory=dict)
 
 
@@ -55,14 +56,15 @@ def load_models(model_dir, device="cpu", dtype="float32", plan=None):
     if transformer.cfg.use_additional_t_cond:
         raise LoadError(f"{model_dir}: use_additional_t_cond models (Qwen-Image-Layered) are not edit models")
     # the modulation weights stay on the host either way: modulation_table_streamed visits them once per edit
+    stream = None
     if plan is not None:
-        stream_blocks(transformer.transformer_blocks, device, plan.mmdit_resident)
+        stream = stream_blocks(transformer.transformer_blocks, device, plan.mmdit_resident)
         move_except(transformer, device, transformer.transformer_blocks)
     else:
         move_except_modulation(transformer, device)
     vae = load_vae(snap, dt, device)
     scheduler_cfg = SchedulerConfig.from_dict(snap.config("scheduler"))
-    models = EditModels(transformer, vae, scheduler_cfg, device, dt, plan)
+    models = EditModels(transformer, vae, scheduler_cfg, device, dt, plan, stream)
     models.timings["load"] = time.perf_counter() - start
     return models
 
