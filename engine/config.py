@@ -113,7 +113,5 @@ class RunOptions:
     seed: int = 0
     width: int = None
     height: int = None
-    device: str = "cpu"
-    dtype: str = "float32"
     sigmas: list = field(default=None)
     condition_area: int = 1024 * 1024  # pixels the condition image is resized to (the reference's ~1 MP)
