@@ -98,7 +98,7 @@ def _run_edit(model_dir, image, tensors, args, plan=None):
     from engine.pipeline import load_models
     models = load_models(model_dir, device=args.device, dtype=_dtype(args), plan=plan)
     _edit_one(models, image, tensors, args, args.out, args.force)
-    _print_memory(args.device)
+    _print_memory(models)
 
 
 def _edit_one(models, image, tensors, job, out_path, force):
@@ -129,15 +129,18 @@ def _edit_one(models, image, tensors, job, out_path, force):
     print(f"wrote {out_path} ({out.width}x{out.height}); {line}")
 
 
-def _print_memory(device):
+def _print_memory(models):
+    """Peak host RAM; on CUDA the peak VRAM (allocated, reserved) over the run and per stage of the edit
+    ("before": text encoding and loading)."""
     import resource
-
-    import torch
     gib = 2 ** 30
     mem = f"peak host RAM {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / gib:.2f} GiB"
-    if device == "cuda":
-        mem += (f", peak VRAM allocated {torch.cuda.max_memory_allocated() / gib:.2f} GiB, "
-                f"reserved {torch.cuda.max_memory_reserved() / gib:.2f} GiB")
+    if models.peaks:
+        alloc = max(a for a, _ in models.peaks.values())
+        reserved = max(r for _, r in models.peaks.values())
+        stages = ", ".join(f"{k} {a / gib:.2f}" for k, (a, _) in models.peaks.items())
+        mem += (f", peak VRAM allocated {alloc / gib:.2f} GiB, reserved {reserved / gib:.2f} GiB "
+                f"(allocated per stage, GiB: {stages})")
     print(mem)
 
 
@@ -169,7 +172,7 @@ def cmd_batch(args):
     models = load_models(args.model, device=args.device, dtype=_dtype(args))
     for j, image, t in zip(jobs, images, tensors):
         _edit_one(models, image, t, j, j.out, args.force)
-    _print_memory(args.device)
+    _print_memory(models)
 
 
 def _check_run(args):

@@ -28,6 +28,7 @@ class EditModels:
     plan: object = None         # engine.planner.Plan when a VRAM budget is in force
     stream: object = None       # engine.offload.StreamHandle of the transformer blocks; .remove() unpins
     timings: dict = field(default_factory=dict)
+    peaks: dict = field(default_factory=dict)   # stage -> (VRAM allocated, reserved) at its peak; CUDA only
 
 
 def make_plan(model_dir, image_size, width, height, cfg_batch, text_encoder, budget, mode, dtype, area=1024 * 1024,
@@ -55,18 +56,23 @@ def load_models(model_dir, device="cpu", dtype="float32", plan=None):
     transformer = load_mmdit(snap, dt, "cpu")
     if transformer.cfg.use_additional_t_cond:
         raise LoadError(f"{model_dir}: use_additional_t_cond models (Qwen-Image-Layered) are not edit models")
-    # the modulation weights stay on the host either way: modulation_table_streamed visits them once per edit
+    vae = load_vae(snap, dt, "cpu")
+    models = place_models(transformer, vae, SchedulerConfig.from_dict(snap.config("scheduler")), device, dt, plan)
+    models.timings["load"] = time.perf_counter() - start
+    return models
+
+
+def place_models(transformer, vae, scheduler_cfg, device, dtype, plan=None):
+    """Models built on the host -> EditModels on `device`. The modulation weights stay on the host either
+    way (modulation_table_streamed visits them once per edit); with a plan, the blocks beyond
+    plan.mmdit_resident stream from pinned host memory."""
     stream = None
     if plan is not None:
         stream = stream_blocks(transformer.transformer_blocks, device, plan.mmdit_resident)
         move_except(transformer, device, transformer.transformer_blocks)
     else:
         move_except_modulation(transformer, device)
-    vae = load_vae(snap, dt, device)
-    scheduler_cfg = SchedulerConfig.from_dict(snap.config("scheduler"))
-    models = EditModels(transformer, vae, scheduler_cfg, device, dt, plan, stream)
-    models.timings["load"] = time.perf_counter() - start
-    return models
+    return EditModels(transformer, vae.to(device), scheduler_cfg, device, dtype, plan, stream)
 
 
 def encode_text(model_dir, image, prompts, device="cpu", dtype="float32", area=1024 * 1024, resize="pil",
@@ -81,11 +87,18 @@ def encode_text(model_dir, image, prompts, device="cpu", dtype="float32", area=1
 def encode_texts(model_dir, jobs, device="cpu", dtype="float32", area=1024 * 1024, resize="pil", plan=None):
     """encode_text for many (image, prompts) jobs with one load of the text encoder."""
     from .processor import load_processor
-    from .text_encoder import encode_prompts, load_text_encoder
+    from .text_encoder import load_text_encoder
     snap = Snapshot(model_dir)
     snap.require("text_encoder")
     processor = load_processor(snap, resize=resize)
     te = load_text_encoder(snap, torch_dtype(dtype), "cpu" if plan is not None else device)
+    return run_text_encoder(processor, te, jobs, device, area, plan)
+
+
+def run_text_encoder(processor, te, jobs, device, area=1024 * 1024, plan=None):
+    """encode_texts with a built text encoder (on `device`, or on the host when a plan streams it). The
+    streamed layers' pinned host buffers are released before returning, and the device memory freed."""
+    from .text_encoder import encode_prompts
     handles = []
     if plan is not None:
         handles = [stream_blocks(te.layers, device, plan.te_resident, skip=()),
@@ -170,12 +183,29 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def _mark(models, stage, start):
+    """Record the stage's time (its GPU work included) and, on CUDA, its peak VRAM, then reset the peak.
+    stage "before" is everything the process did before this edit (text encoding, loading); over several
+    edits with the same models each stage keeps its largest peak."""
+    dev = models.device
+    _sync(dev)
+    if start is not None:
+        models.timings[stage] = time.perf_counter() - start
+    if str(dev).startswith("cuda"):
+        old = models.peaks.get(stage, (0, 0))
+        models.peaks[stage] = (max(old[0], torch.cuda.max_memory_allocated(dev)),
+                               max(old[1], torch.cuda.max_memory_reserved(dev)))
+        torch.cuda.reset_peak_memory_stats(dev)
+
+
 def edit(models: EditModels, image, prompt_embeds, prompt_mask=None, negative_embeds=None, negative_mask=None,
          opts: RunOptions = None, progress=None):
     """image: PIL RGB; prompt embeddings [1, L, D] (+ masks [1, L]). CFG runs when negative embeddings are
-    given and opts.cfg > 1, cond and uncond batched as one B=2 forward. Returns a PIL image."""
+    given and opts.cfg > 1, cond and uncond batched as one B=2 forward (or two B=1 forwards when the plan
+    says so, to halve the activations). Returns a PIL image."""
     opts = opts or RunOptions()
     mm, vae, dev, dt = models.transformer, models.vae, models.device, models.dtype
+    _mark(models, "before", None)
     t0 = time.perf_counter()
     cw, ch = condition_size(*image.size, opts.condition_area)
     multiple = vae.cfg.scale_factor * 2
@@ -189,8 +219,7 @@ def edit(models: EditModels, image, prompt_embeds, prompt_mask=None, negative_em
         plan = models.plan
         cond = vae.encode(cond_pixels, tile=plan.encode_tile if plan else None)
         cond_latents = pack(vae.normalize(cond))  # [1, Nc, 64]
-        _sync(dev)
-        timings = {"vae_encode": time.perf_counter() - t0}
+        _mark(models, "vae_encode", t0)
 
         rows = [_prompt_rows(prompt_embeds, prompt_mask, "prompt_embeds")]
         use_cfg = negative_embeds is not None and opts.cfg > 1
@@ -217,7 +246,11 @@ def edit(models: EditModels, image, prompt_embeds, prompt_mask=None, negative_em
         for i in range(len(timesteps)):
             t = t_model[i].expand(B)
             x = torch.cat([latents.expand(B, -1, -1), cond_tokens], dim=1)
-            v = mm(x, txt, txt_len, t, img_shapes, rope=rope, mods=mods[i])[:, : latents.shape[1]]
+            if plan is not None and plan.cfg_sequential:
+                v = torch.cat([mm(x[j:j + 1], txt[j:j + 1], txt_len[j:j + 1], t[j:j + 1], img_shapes, rope=rope,
+                                  mods=mods[i]) for j in range(B)])[:, : latents.shape[1]]
+            else:
+                v = mm(x, txt, txt_len, t, img_shapes, rope=rope, mods=mods[i])[:, : latents.shape[1]]
             if use_cfg:
                 pos, neg = v[:1], v[1:]
                 comb = neg + opts.cfg * (pos - neg)
@@ -225,13 +258,10 @@ def edit(models: EditModels, image, prompt_embeds, prompt_mask=None, negative_em
             latents = sched.euler_step(latents, v, sigmas[i], sigmas[i + 1])
             if progress is not None:
                 progress(i)
-        _sync(dev)
-        timings["denoise"] = time.perf_counter() - t1
+        _mark(models, "denoise", t1)
 
         t2 = time.perf_counter()
         z = vae.denormalize(unpack(latents, lh, lw))
         out = tensor_to_image(vae.decode(z, tile=plan.decode_tile if plan else None))
-        _sync(dev)
-        timings["vae_decode"] = time.perf_counter() - t2
-    models.timings.update(timings)
+        _mark(models, "vae_decode", t2)
     return out

@@ -169,6 +169,7 @@ class Plan:
     host_pinned: dict           # "text" / "mmdit" -> pinned host bytes of the streamed blocks
     streamed_per_step: int      # bytes the MMDiT moves host -> GPU per denoising step
     needs: dict = field(default_factory=dict)   # stage -> peak with margin
+    cfg_sequential: bool = False  # CFG as two B=1 forwards per step (half the activations) instead of one B=2
 
     @property
     def mmdit_streamed(self):
@@ -184,8 +185,10 @@ class Plan:
         if self.te_layers:
             lines.append(f"  text encoder  {self.te_resident}/{self.te_layers} LM layers resident, "
                          f"{self.vision_resident}/{self.vision_blocks} vision blocks; peak {gib(self.peaks['text'])}")
+        cfg = "; CFG as two B=1 forwards" if self.cfg_sequential else ""
         lines.append(f"  denoise       {self.mmdit_resident}/{self.mmdit_blocks} blocks resident, "
-                     f"{self.streamed_per_step / 1e9:.1f} GB streamed per step; peak {gib(self.peaks['denoise'])}")
+                     f"{self.streamed_per_step / 1e9:.1f} GB streamed per step{cfg}; "
+                     f"peak {gib(self.peaks['denoise'])}")
         lines.append(f"  VAE           encode {tile(self.encode_tile)} (peak {gib(self.peaks['vae_encode'])}), "
                      f"decode {tile(self.decode_tile)} (peak {gib(self.peaks['vae_decode'])})")
         return "\n".join(lines)
@@ -307,7 +310,7 @@ def smallest_budget(job, sizes, mode="auto"):
         peaks.append(text_peak(s, job, resident_choices(s.te_layers, mode)[-1],
                                resident_choices(s.vision_blocks, mode)[-1]))
     r = resident_choices(s.blocks, mode)[-1]
-    peaks.append(denoise_peak(s, job, r))
+    peaks.append(denoise_peak(s, dataclasses.replace(job, batch=1), r))   # CFG may run as two B=1 forwards
     peaks.append(min(encode_peak(s, job, r, t) for t in _tiles(job.cond_height // 8, job.cond_width // 8)))
     peaks.append(min(decode_peak(s, job, r, t) for t in _tiles(job.height // 8, job.width // 8)))
     return need(max(peaks))
@@ -321,7 +324,11 @@ def plan(budget_bytes, job, model_sizes, mode="auto"):
     s = model_sizes
     cap = (budget_bytes - MARGIN_FIXED) / (1 + MARGIN_FRACTION)
     te = _text_choice(s, job, cap, mode) if job.text_encoder and s.te_layers else (0, 0)
-    mm = _mmdit_choice(s, job, cap, mode)
+    mm, mm_job = _mmdit_choice(s, job, cap, mode), job
+    if mm is None and job.batch > 1:
+        # the cond and uncond rows one after the other: half the activations, the streamed blocks travel twice
+        mm_job = dataclasses.replace(job, batch=1)
+        mm = _mmdit_choice(s, mm_job, cap, mode)
     if te is None or mm is None:
         smallest = smallest_budget(job, s, mode)
         # round up to 0.01 GiB: that budget fits, and anything 1% lower does not
@@ -329,7 +336,7 @@ def plan(budget_bytes, job, model_sizes, mode="auto"):
                         f"{' with every block resident (--offload none)' if mode == 'none' else ''}; "
                         f"the smallest budget that fits is {math.ceil(smallest / GiB * 100) / 100:.2f} GiB")
     (r_te, r_vis), (r, enc, dec) = te, mm
-    peaks = {"denoise": denoise_peak(s, job, r), "vae_encode": encode_peak(s, job, r, enc),
+    peaks = {"denoise": denoise_peak(s, mm_job, r), "vae_encode": encode_peak(s, job, r, enc),
              "vae_decode": decode_peak(s, job, r, dec)}
     te_layers, vision_blocks = (s.te_layers, s.vision_blocks) if job.text_encoder else (0, 0)
     if te_layers:
@@ -343,8 +350,8 @@ def plan(budget_bytes, job, model_sizes, mode="auto"):
         host_pinned={"text": (te_layers - min(r_te, te_layers)) * s.te_layer_bytes
                      + (vision_blocks - min(r_vis, vision_blocks)) * s.vision_block_bytes,
                      "mmdit": streamed * s.stream_bytes},
-        streamed_per_step=streamed * s.stream_bytes if streamed > 2 else 0,
-        needs={k: need(v) for k, v in peaks.items()})
+        streamed_per_step=(streamed * s.stream_bytes if streamed > 2 else 0) * (job.batch if mm_job is not job else 1),
+        needs={k: need(v) for k, v in peaks.items()}, cfg_sequential=mm_job is not job)
 
 
 _UNITS = {"": 1, "k": 2 ** 10, "m": 2 ** 20, "g": 2 ** 30, "t": 2 ** 40}
