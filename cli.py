@@ -6,6 +6,10 @@ import time
 from pathlib import Path
 
 EXIT_INPUT, EXIT_OOM = 2, 3
+# Expandable segments: freed blocks of any size serve later requests, so a budget is not lost to
+# fragmentation (measured on an H100: without it, a 4K edit planned for 16 GiB held 1.9 GiB reserved
+# but unusable and ran out). Set before torch touches CUDA; a value the user set wins.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 
 def _cache_dir():

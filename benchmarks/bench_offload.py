@@ -16,9 +16,12 @@ and untiled.
 import argparse
 import gc
 import json
+import os
 import resource
 import time
 import traceback
+
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")   # as cli.py
 
 import numpy as np
 import torch
@@ -173,6 +176,7 @@ def run_edit(name, budget, mode, job_key, mm, te, vae, processor, sizes, device=
         row["step_bytes"] = [b[1] - a[1] for a, b in zip(marks, marks[1:])]
         row["ok"] = True
     except torch.cuda.OutOfMemoryError as e:
+        traceback.print_exc()
         row.update(ok=False, error="out of memory: " + str(e).splitlines()[0][:300])
     except Exception as e:   # record and go on to the next run
         traceback.print_exc()
@@ -187,24 +191,30 @@ def run_edit(name, budget, mode, job_key, mm, te, vae, processor, sizes, device=
 
 
 def vae_decode_ours(vae, budget=2 * GiB, hw=(384, 512)):
-    """Our 4096x3072 decode: tiled with the largest tile whose predicted peak fits `budget`, and untiled."""
-    from engine.planner import VAE_TILES, need
+    """Our 4096x3072 decode, tiled with the largest tile whose estimated peak (weights + activations, 5%
+    margin) fits `budget`, with torch's allocator capped at `budget` (peak allocated, as diffusers' figure
+    is counted; the CUDA context is not in it); and untiled, uncapped."""
+    from engine.planner import VAE_TILES, MARGIN_FRACTION
     weights = sum(p.numel() * 2 for p in vae.parameters())
-    tile = next(t for t in VAE_TILES[1:] if need(weights + activation_bytes(vae.cfg, *hw, t, torch.bfloat16)) <= budget)
+    tile = next(t for t in VAE_TILES[1:]
+                if (weights + activation_bytes(vae.cfg, *hw, t, torch.bfloat16)) * (1 + MARGIN_FRACTION) <= budget)
     vae.to("cuda")
     z = torch.randn(1, vae.cfg.z_dim, *hw, device="cuda", dtype=torch.bfloat16)
+    total = torch.cuda.get_device_properties(0).total_memory
     out = {}
     with torch.inference_mode():
         for name, t, limit in [("ours_tiled", tile, budget), ("ours_untiled", None, None)]:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             if limit is not None:
-                enforce(limit)
+                torch.cuda.set_per_process_memory_fraction(limit / total)
             try:
                 ms = time_ms(lambda: vae.decode(z, tile=t), warmup=1, reps=3)
-                out[name] = {"ms": ms, "tile": t, "peak_gib": torch.cuda.max_memory_allocated() / GiB,
+                out[name] = {"ms": ms, "tile": t, "budget_gib": None if limit is None else limit / GiB,
+                             "peak_gib": torch.cuda.max_memory_allocated() / GiB,
                              "peak_reserved_gib": torch.cuda.max_memory_reserved() / GiB}
             except torch.cuda.OutOfMemoryError as e:
+                traceback.print_exc()
                 out[name] = {"tile": t, "error": "out of memory: " + str(e).splitlines()[0][:200]}
             torch.cuda.set_per_process_memory_fraction(1.0)
             print(name, out[name], flush=True)

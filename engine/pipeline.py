@@ -103,7 +103,8 @@ def run_text_encoder(processor, te, jobs, device, area=1024 * 1024, plan=None):
     if plan is not None:
         handles = [stream_blocks(te.layers, device, plan.te_resident, skip=()),
                    stream_blocks(te.visual.blocks, device, plan.vision_resident, skip=())]
-        move_except(te, device, te.layers, te.visual.blocks)
+        # the 1.1 GB embedding table stays on the host: a lookup of a few thousand rows, copied over
+        move_except(te, device, te.layers, te.visual.blocks, te.embed_tokens)
     results = []
     for image, prompts in jobs:
         prompt_image = image.resize(condition_size(*image.size, area), resample=Image.LANCZOS)

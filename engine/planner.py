@@ -25,9 +25,10 @@ C width; counted from the code's live tensors on the CUDA path):
   vision tower   P max(14 Dv, 3 Dv + 3 Iv): qkv, float32 RoPE temporaries, gathered window batches, or the
                  SwiGLU; P = 4 x merged image tokens.
   VAE            engine.vae.activation_bytes (measured on an H200 to ~1%).
-Margin: need = 1.05 x peak + 512 MiB <= budget. The fixed part is the CUDA context (~300-500 MiB with lazy
-module loading, not seen by torch's allocator), cuBLAS/cuDNN workspaces and Triton modules; 5% covers the
-caching allocator's rounding (2 MiB pages, 20 MiB segments) and fragmentation from blocks of many sizes.
+Margin: need = 1.05 x peak + 800 MiB <= budget. The fixed part is what the process holds outside torch's
+allocator: the CUDA context, cuBLAS/cuDNN handles and loaded kernels (measured on an H100 with torch 2.11:
+0.62 GiB after the text encoder, 0.75 GiB once the MMDiT and VAE kernels have run); 5% covers the caching
+allocator's rounding. Fragmentation is kept out by expandable segments (cli.py sets them).
 
 Host memory per mode (bf16, full-size Qwen-Image-Edit; each streamed block pinned once, exact size):
   mode                          pinned (page-locked)               pageable
@@ -36,6 +37,7 @@ Host memory per mode (bf16, full-size Qwen-Image-Edit; each streamed block pinne
   text encoder resident         0                                  0 after the move
   text encoder streaming        (28 - r) x 466 MB = 13.0 GB at r=0  -
                                 + streamed vision blocks x 39 MB (1.26 GB all)
+  text encoder, any plan        -                                  embed_tokens 1.09 GB (looked up there)
 The text encoder's pinned buffers are released (handle.remove()) before the MMDiT's are made, so the peak
 is max(text, MMDiT), not their sum; loading adds one block's worth while the buffers are filled.
 """
@@ -56,7 +58,7 @@ from .vae import QwenImageVAE, activation_bytes
 from .vision import VisionBlock, VisionConfig
 
 MiB, GiB = 2 ** 20, 2 ** 30
-MARGIN_FRACTION, MARGIN_FIXED = 0.05, 512 * MiB
+MARGIN_FRACTION, MARGIN_FIXED = 0.05, 800 * MiB
 VAE_TILES = (None, 256, 192, 128, 96, 64, 48, 32, 16)  # latent px, preferred first
 PREFERRED_MIN_TILE = 64     # smaller tiles recompute a 13 px halo many times; used only when nothing else fits
 VL_MAX_TOKENS = 1280        # the processor's default max_pixels = 28 * 28 * 1280
@@ -77,7 +79,8 @@ class ModelSizes:
     vae_cfg: VAEConfig
     te_layer_bytes: int = 0     # text encoder (0 layers: none)
     te_layers: int = 0
-    te_other: int = 0           # embed_tokens, final norm, patch_embed, merger
+    te_other: int = 0           # final norm, patch_embed, merger (embed_tokens stays on the host)
+    te_embed: int = 0           # embed_tokens
     te_hidden: int = 0
     te_intermediate: int = 0
     te_kv: int = 0              # width of k (= of v)
@@ -116,7 +119,8 @@ def model_sizes_from_configs(mmdit_cfg, text_cfg, vae_cfg, dtype_bytes=2):
             empty = TextEncoder(dataclasses.replace(cfg, num_hidden_layers=0), dataclasses.replace(vision, depth=0))
             sizes.update(
                 te_layer_bytes=_bytes(DecoderLayer(cfg), dtype_bytes), te_layers=cfg.num_hidden_layers,
-                te_other=_bytes(empty, dtype_bytes), te_hidden=cfg.hidden_size,
+                te_other=_bytes(empty, dtype_bytes) - _bytes(empty.embed_tokens, dtype_bytes),
+                te_embed=_bytes(empty.embed_tokens, dtype_bytes), te_hidden=cfg.hidden_size,
                 te_intermediate=cfg.intermediate_size, te_kv=cfg.num_key_value_heads * cfg.head_dim,
                 te_head_dim=cfg.head_dim, vision_block_bytes=_bytes(VisionBlock(vision), dtype_bytes),
                 vision_blocks=vision.depth, vision_hidden=vision.hidden_size,

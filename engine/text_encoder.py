@@ -153,7 +153,7 @@ class TextEncoder(nn.Module):
         freqs = pos[..., None].float() * inv_freq                   # [3, B, L, hd/2]
         chunks = freqs.split(list(self.cfg.mrope_section), dim=-1)
         freqs = torch.cat([c[i % 3] for i, c in enumerate(chunks)], dim=-1)
-        emb = torch.cat([freqs, freqs], dim=-1).to(self.embed_tokens.weight.device)
+        emb = torch.cat([freqs, freqs], dim=-1).to(self.norm.weight.device)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     @torch.no_grad()
@@ -161,9 +161,9 @@ class TextEncoder(nn.Module):
         """ids [B, L] with each row's valid tokens first, lengths [B] -> hidden [B, L, D] after the final
         norm (pad rows hold finite junk). One image grid for all rows is shared by every row; otherwise
         grids are consumed by the image spans in row-major order, as transformers does."""
-        device = self.embed_tokens.weight.device
+        device = self.norm.weight.device                             # the embedding table may stay on the host
+        x = self.embed_tokens(ids.to(self.embed_tokens.weight.device)).to(device)   # [B, L, D]
         ids, lengths = ids.to(device), lengths.to(device)
-        x = self.embed_tokens(ids)                                   # [B, L, D]
         grids = [tuple(g) for g in image_grid_thw.tolist()] if image_grid_thw is not None else []
         valid = torch.arange(ids.shape[1], device=device)[None] < lengths[:, None]
         is_image = (ids == self.cfg.image_token_id) & valid
