@@ -3,7 +3,7 @@
 Two parts, run one after the other as separate processes (each builds its own random bf16 weights; 128 GiB
 of host RAM holds one set at a time):
     python -m benchmarks.bench_offload ours --out ours.json --tokenizer DIR
-    python -m benchmarks.bench_offload diffusers --out ref.json --ours ours.json
+    python -m benchmarks.bench_offload diffusers --out ref.json [--text-lengths 1246,1233]
 ours: text encoder, VAE encode, denoising with CFG and VAE decode through engine.pipeline, with the plan the
 planner makes for each budget; the budget is enforced with torch.cuda.set_per_process_memory_fraction
 (minus what the process holds outside torch's allocator), so going over fails instead of passing quietly.
@@ -133,7 +133,7 @@ def run_edit(name, budget, mode, job_key, mm, te, vae, processor, sizes, device=
     if p is not None:
         row.update(budget_gib=budget / GiB, plan=p.summary(), mmdit_resident=p.mmdit_resident,
                    te_resident=p.te_resident, vision_resident=p.vision_resident, encode_tile=p.encode_tile,
-                   decode_tile=p.decode_tile, cfg_sequential=p.cfg_sequential,
+                   decode_tile=p.decode_tile, cfg_split=p.cfg_split,
                    predicted_gib={k: v / GiB for k, v in p.peaks.items()},
                    predicted_streamed_gb_per_step=p.streamed_per_step / 1e9)
         print(p.summary(), flush=True)
@@ -293,8 +293,7 @@ def diffusers_forward(ref, batch, grid, lens, seed=1):
 def main_diffusers(args):
     from diffusers import AutoencoderKLQwenImage
     from diffusers.hooks import apply_group_offloading
-    ours = json.load(open(args.ours)) if args.ours else {}
-    lens = {k: r["text_lengths"] for k, r in ours.get("runs", {}).items() if "text_lengths" in r}
+    lens = [int(v) for v in args.text_lengths.split(",")]
     payload = {"env": env_info(), "forward": {}, "vae_decode_4096x3072": {}}
     with torch.device("meta"):
         vae = AutoencoderKLQwenImage()
@@ -322,8 +321,8 @@ def main_diffusers(args):
     payload["setup_s"] = time.perf_counter() - t0
     cases = {"1024_b1": (1, (64, 64), "1024"), "1024_b2": (2, (64, 64), "1024"), "4k_b1": (1, (192, 256), "4k")}
     with torch.inference_mode():
-        for case, (batch, grid, job) in cases.items():
-            row_lens = next((v for k, v in lens.items() if k.startswith(job + ":")), [1300, 1290])
+        for case, (batch, grid, _) in cases.items():
+            row_lens = lens
             fn = diffusers_forward(ref, batch, grid, row_lens)
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -342,8 +341,10 @@ def main():
     ap.add_argument("part", choices=["ours", "diffusers"])
     ap.add_argument("--out", required=True)
     ap.add_argument("--tokenizer", help="folder with the Qwen tokenizer.json (ours)")
-    ap.add_argument("--ours", help="ours.json, for the text lengths to give diffusers")
-    ap.add_argument("--runs", default="1024:resident,1024:16,1024:min,4k:resident,4k:16,4k:min",
+    ap.add_argument("--text-lengths", default="1246,1233",
+                    help="diffusers: text tokens of the cond and uncond rows (what ours' processor made of "
+                         "PROMPT and NEGATIVE with the test image: ours.json's text_lengths)")
+    ap.add_argument("--runs", default="1024:resident,1024:16,1024:min,4k:resident,4k:16,4k:min,4k:6",
                     help="job:budget list; budget = GiB, 'min' (the planner's smallest) or 'resident'")
     args = ap.parse_args()
     (main_ours if args.part == "ours" else main_diffusers)(args)

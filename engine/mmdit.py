@@ -203,10 +203,13 @@ class MMDiT(nn.Module):
         ang = torch.cat(angles).to(device)
         return torch.cos(ang), torch.sin(ang)
 
-    def forward(self, x, txt, txt_len, t, img_shapes, rope=None, mods=None, additional_t_cond=None):
+    def forward(self, x, txt, txt_len, t, img_shapes, rope=None, mods=None, additional_t_cond=None,
+                rows_per_block=None):
         """x [B, N, in_ch] packed latents (noisy image tokens first, then condition tokens);
         txt [B, L, joint_dim] prompt embeddings, valid prefix of txt_len[b] tokens (int [B]);
-        t [B] sigma in [0, 1]; img_shapes [(1, h, w) per image in x]. Returns [B, N, out] velocity."""
+        t [B] sigma in [0, 1]; img_shapes [(1, h, w) per image in x]. Returns [B, N, out] velocity.
+        rows_per_block: run each block on this many rows at a time (the block's intermediates shrink to
+        those rows while its weights serve every row: a streamed block still travels once)."""
         N, L = x.shape[1], txt.shape[1]
         if N != sum(f * h * w for f, h, w in img_shapes):
             raise ValueError(f"img_shapes {img_shapes} do not add up to {N} image tokens")
@@ -218,11 +221,26 @@ class MMDiT(nn.Module):
         kv_len = (N + txt_len).to(device=x.device, dtype=torch.int32)
         f, h, w = img_shapes[0]
         split = f * h * w if self.cfg.zero_cond_t else None
+        B = img.shape[0]
         for blk, mod in zip(self.transformer_blocks, mods):
-            img, txt = blk(img, txt, mod, rope, kv_len, split)
+            if rows_per_block is None or rows_per_block >= B:
+                img, txt = blk(img, txt, mod, rope, kv_len, split)
+            else:
+                img, txt = _by_rows(blk, img, txt, mod, rope, kv_len, split, rows_per_block)
         if self.cfg.zero_cond_t:
             temb = temb.chunk(2)[0]
         return self.proj_out(self.norm_out(img, temb))
+
+
+def _by_rows(blk, img, txt, mod, rope, kv_len, split, rows):
+    """blk over `rows` rows at a time, each chunk's output written into one new [B, ...] pair."""
+    B = img.shape[0]
+    out_img, out_txt = torch.empty_like(img), torch.empty_like(txt)
+    for r in range(0, B, rows):
+        sl = slice(r, r + rows)
+        m = tuple(t[sl] if t.shape[0] == B else t for t in mod)   # a B=1 table serves every chunk
+        out_img[sl], out_txt[sl] = blk(img[sl], txt[sl], m, rope, kv_len[sl], split)
+    return out_img, out_txt
 
 
 def modulation_table(model, timesteps):

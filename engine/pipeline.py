@@ -202,8 +202,8 @@ def _mark(models, stage, start):
 def edit(models: EditModels, image, prompt_embeds, prompt_mask=None, negative_embeds=None, negative_mask=None,
          opts: RunOptions = None, progress=None):
     """image: PIL RGB; prompt embeddings [1, L, D] (+ masks [1, L]). CFG runs when negative embeddings are
-    given and opts.cfg > 1, cond and uncond batched as one B=2 forward (or two B=1 forwards when the plan
-    says so, to halve the activations). Returns a PIL image."""
+    given and opts.cfg > 1, cond and uncond batched as one B=2 forward, or, when the plan says so to save
+    activation memory, one row at a time through each block or as two B=1 forwards. Returns a PIL image."""
     opts = opts or RunOptions()
     mm, vae, dev, dt = models.transformer, models.vae, models.device, models.dtype
     _mark(models, "before", None)
@@ -247,11 +247,13 @@ def edit(models: EditModels, image, prompt_embeds, prompt_mask=None, negative_em
         for i in range(len(timesteps)):
             t = t_model[i].expand(B)
             x = torch.cat([latents.expand(B, -1, -1), cond_tokens], dim=1)
-            if plan is not None and plan.cfg_sequential:
+            split = plan.cfg_split if plan is not None else "batched"
+            if split == "forwards":
                 v = torch.cat([mm(x[j:j + 1], txt[j:j + 1], txt_len[j:j + 1], t[j:j + 1], img_shapes, rope=rope,
                                   mods=mods[i]) for j in range(B)])[:, : latents.shape[1]]
             else:
-                v = mm(x, txt, txt_len, t, img_shapes, rope=rope, mods=mods[i])[:, : latents.shape[1]]
+                v = mm(x, txt, txt_len, t, img_shapes, rope=rope, mods=mods[i],
+                       rows_per_block=1 if split == "rows" else None)[:, : latents.shape[1]]
             if use_cfg:
                 pos, neg = v[:1], v[1:]
                 comb = neg + opts.cfg * (pos - neg)

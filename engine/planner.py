@@ -173,7 +173,9 @@ class Plan:
     host_pinned: dict           # "text" / "mmdit" -> pinned host bytes of the streamed blocks
     streamed_per_step: int      # bytes the MMDiT moves host -> GPU per denoising step
     needs: dict = field(default_factory=dict)   # stage -> peak with margin
-    cfg_sequential: bool = False  # CFG as two B=1 forwards per step (half the activations) instead of one B=2
+    cfg_split: str = "batched"  # CFG rows: "batched" (one B=2 forward), "rows" (each block takes one row at a
+                                # time: one row's intermediates, each block still travels once per step) or
+                                # "forwards" (two B=1 forwards: the least memory, streamed blocks travel twice)
 
     @property
     def mmdit_streamed(self):
@@ -189,7 +191,8 @@ class Plan:
         if self.te_layers:
             lines.append(f"  text encoder  {self.te_resident}/{self.te_layers} LM layers resident, "
                          f"{self.vision_resident}/{self.vision_blocks} vision blocks; peak {gib(self.peaks['text'])}")
-        cfg = "; CFG as two B=1 forwards" if self.cfg_sequential else ""
+        cfg = {"batched": "", "rows": "; CFG rows one at a time through each block",
+               "forwards": "; CFG as two B=1 forwards"}[self.cfg_split]
         lines.append(f"  denoise       {self.mmdit_resident}/{self.mmdit_blocks} blocks resident, "
                      f"{self.streamed_per_step / 1e9:.1f} GB streamed per step{cfg}; "
                      f"peak {gib(self.peaks['denoise'])}")
@@ -214,9 +217,12 @@ def _resident_weights(n, r, block):
     return r * block + min(2, n - r) * block
 
 
-def mmdit_activations(s, job):
+def mmdit_activations(s, job, rows=None):
+    """One forward's peak activations with `rows` rows (default all B) through a block at a time: those
+    rows' intermediates, plus the other rows' residual streams (block input and output)."""
     B, N, L, d = job.batch, job.tokens, job.text_len, s.dtype_bytes
-    act = B * s.dim * max(7 * (N + L), 9 * N + 4 * L, 4 * N + 9 * L) * d
+    rows = B if rows is None else min(rows, B)
+    act = rows * s.dim * max(7 * (N + L), 9 * N + 4 * L, 4 * N + 9 * L) * d + 2 * (B - rows) * (N + L) * s.dim * d
     inputs = B * L * s.joint_dim * d + 3 * B * N * 64 * d + (N + L) * (s.head_dim // 2) * 4 * 2
     return act + inputs
 
@@ -258,9 +264,14 @@ def decode_peak(s, job, r, tile):
             + activation_bytes(s.vae_cfg, h, w, tile, _dtype(s), 1, encode=False))
 
 
-def denoise_peak(s, job, r):
+CFG_SPLITS = ("batched", "rows", "forwards")   # most activation memory first
+
+
+def denoise_peak(s, job, r, split="batched"):
     # while the table is built, one block's modulation weights visit instead of the activations
-    return weights_on_gpu(s, r) + table_bytes(s, job) + max(mmdit_activations(s, job), s.mod_bytes)
+    act = {"batched": lambda: mmdit_activations(s, job), "rows": lambda: mmdit_activations(s, job, rows=1),
+           "forwards": lambda: mmdit_activations(s, dataclasses.replace(job, batch=1))}[split]()
+    return weights_on_gpu(s, r) + table_bytes(s, job) + max(act, s.mod_bytes)
 
 
 # ---- choices ------------------------------------------------------------------------------------
@@ -291,14 +302,14 @@ def _text_choice(s, job, cap, mode):
     return None
 
 
-def _mmdit_choice(s, job, cap, mode):
+def _mmdit_choice(s, job, cap, mode, split="batched"):
     enc_tiles = _tiles(job.cond_height // 8, job.cond_width // 8)
     dec_tiles = _tiles(job.height // 8, job.width // 8)
     floors = [t for t in VAE_TILES[1:] if t <= PREFERRED_MIN_TILE]
     for floor in floors:
         ok = lambda t: t is None or t >= floor
         for r in resident_choices(s.blocks, mode):
-            if denoise_peak(s, job, r) > cap:
+            if denoise_peak(s, job, r, split) > cap:
                 continue
             enc = _best_tile(lambda t: encode_peak(s, job, r, t), [t for t in enc_tiles if ok(t)], cap)
             dec = _best_tile(lambda t: decode_peak(s, job, r, t), [t for t in dec_tiles if ok(t)], cap)
@@ -314,7 +325,7 @@ def smallest_budget(job, sizes, mode="auto"):
         peaks.append(text_peak(s, job, resident_choices(s.te_layers, mode)[-1],
                                resident_choices(s.vision_blocks, mode)[-1]))
     r = resident_choices(s.blocks, mode)[-1]
-    peaks.append(denoise_peak(s, dataclasses.replace(job, batch=1), r))   # CFG may run as two B=1 forwards
+    peaks.append(denoise_peak(s, job, r, "forwards"))   # CFG may run as two B=1 forwards
     peaks.append(min(encode_peak(s, job, r, t) for t in _tiles(job.cond_height // 8, job.cond_width // 8)))
     peaks.append(min(decode_peak(s, job, r, t) for t in _tiles(job.height // 8, job.width // 8)))
     return need(max(peaks))
@@ -328,11 +339,11 @@ def plan(budget_bytes, job, model_sizes, mode="auto"):
     s = model_sizes
     cap = (budget_bytes - MARGIN_FIXED) / (1 + MARGIN_FRACTION)
     te = _text_choice(s, job, cap, mode) if job.text_encoder and s.te_layers else (0, 0)
-    mm, mm_job = _mmdit_choice(s, job, cap, mode), job
-    if mm is None and job.batch > 1:
-        # the cond and uncond rows one after the other: half the activations, the streamed blocks travel twice
-        mm_job = dataclasses.replace(job, batch=1)
-        mm = _mmdit_choice(s, mm_job, cap, mode)
+    mm, split = None, None
+    for split in CFG_SPLITS if job.batch > 1 else CFG_SPLITS[:1]:
+        mm = _mmdit_choice(s, job, cap, mode, split)
+        if mm is not None:
+            break
     if te is None or mm is None:
         smallest = smallest_budget(job, s, mode)
         # round up to 0.01 GiB: that budget fits, and anything 1% lower does not
@@ -340,7 +351,7 @@ def plan(budget_bytes, job, model_sizes, mode="auto"):
                         f"{' with every block resident (--offload none)' if mode == 'none' else ''}; "
                         f"the smallest budget that fits is {math.ceil(smallest / GiB * 100) / 100:.2f} GiB")
     (r_te, r_vis), (r, enc, dec) = te, mm
-    peaks = {"denoise": denoise_peak(s, mm_job, r), "vae_encode": encode_peak(s, job, r, enc),
+    peaks = {"denoise": denoise_peak(s, job, r, split), "vae_encode": encode_peak(s, job, r, enc),
              "vae_decode": decode_peak(s, job, r, dec)}
     te_layers, vision_blocks = (s.te_layers, s.vision_blocks) if job.text_encoder else (0, 0)
     if te_layers:
@@ -354,8 +365,8 @@ def plan(budget_bytes, job, model_sizes, mode="auto"):
         host_pinned={"text": (te_layers - min(r_te, te_layers)) * s.te_layer_bytes
                      + (vision_blocks - min(r_vis, vision_blocks)) * s.vision_block_bytes,
                      "mmdit": streamed * s.stream_bytes},
-        streamed_per_step=(streamed * s.stream_bytes if streamed > 2 else 0) * (job.batch if mm_job is not job else 1),
-        needs={k: need(v) for k, v in peaks.items()}, cfg_sequential=mm_job is not job)
+        streamed_per_step=(streamed * s.stream_bytes if streamed > 2 else 0) * (job.batch if split == "forwards" else 1),
+        needs={k: need(v) for k, v in peaks.items()}, cfg_split=split)
 
 
 _UNITS = {"": 1, "k": 2 ** 10, "m": 2 ** 20, "g": 2 ** 30, "t": 2 ** 40}

@@ -66,17 +66,25 @@ def test_6gib_4k_streams_and_tiles(sizes):
     print(p.summary())
 
 
-def test_cfg_runs_sequentially_only_when_batched_does_not_fit(sizes):
+def test_cfg_splits_only_when_batched_does_not_fit(sizes):
     from dataclasses import replace
+
+    from engine.planner import denoise_peak
     job = replace(EDIT_4K_CFG, steps=2)
-    roomy, tight = plan(16 * GiB, job, sizes), plan(6 * GiB, job, sizes)
-    assert not roomy.cfg_sequential and tight.cfg_sequential
-    fits(roomy)
-    fits(tight)
-    # two forwards per step: each streamed block travels twice
-    assert tight.streamed_per_step == 2 * tight.mmdit_streamed * sizes.stream_bytes
-    assert "CFG as two B=1 forwards" in tight.summary()
-    assert not plan(6 * GiB, replace(EDIT_4K, steps=2), sizes).cfg_sequential   # no CFG: nothing to split
+    chosen = {}
+    for gib in (16, 6, 5):
+        p = plan(gib * GiB, job, sizes)
+        fits(p)
+        chosen[gib] = p.cfg_split
+        per_block = p.mmdit_streamed * sizes.stream_bytes
+        # two whole forwards per step: each streamed block travels twice; per-row blocks: once
+        assert p.streamed_per_step == (2 if p.cfg_split == "forwards" else 1) * per_block
+    assert chosen == {16: "batched", 6: "rows", 5: "forwards"}
+    assert "CFG rows one at a time" in plan(6 * GiB, job, sizes).summary()
+    # the splits are ordered by memory, and each is picked only when the one before does not fit
+    peaks = [denoise_peak(sizes, job, 0, split) for split in ("batched", "rows", "forwards")]
+    assert peaks[0] > peaks[1] > peaks[2]
+    assert plan(6 * GiB, replace(EDIT_4K, steps=2), sizes).cfg_split == "batched"   # no CFG: nothing to split
 
 
 def test_smallest_budgets_meet_the_targets(sizes):
