@@ -344,7 +344,7 @@ def main():
     ap.add_argument("--text-lengths", default="1246,1233",
                     help="diffusers: text tokens of the cond and uncond rows (what ours' processor made of "
                          "PROMPT and NEGATIVE with the test image: ours.json's text_lengths)")
-    ap.add_argument("--runs", default="1024:resident,1024:16,1024:min,4k:resident,4k:16,4k:min,4k:6",
+    ap.add_argument("--runs", default="1024:16,1024:min,4k:16,4k:min,1024:resident,4k:resident,4k:6",
                     help="job:budget list; budget = GiB, 'min' (the planner's smallest) or 'resident'")
     args = ap.parse_args()
     (main_ours if args.part == "ours" else main_diffusers)(args)

@@ -25,10 +25,12 @@ C width; counted from the code's live tensors on the CUDA path):
   vision tower   P max(14 Dv, 3 Dv + 3 Iv): qkv, float32 RoPE temporaries, gathered window batches, or the
                  SwiGLU; P = 4 x merged image tokens.
   VAE            engine.vae.activation_bytes (measured on an H200 to ~1%).
-Margin: need = 1.05 x peak + 800 MiB <= budget. The fixed part is what the process holds outside torch's
+Margin: need = 1.05 x peak + 1056 MiB <= budget. The fixed part is what the process holds outside torch's
 allocator: the CUDA context, cuBLAS/cuDNN handles and loaded kernels (measured on an H100 with torch 2.11:
-0.62 GiB after the text encoder, 0.75 GiB once the MMDiT and VAE kernels have run); 5% covers the caching
-allocator's rounding. Fragmentation is kept out by expandable segments (cli.py sets them).
+0.62 GiB after the text encoder, 0.75 GiB once the MMDiT and VAE kernels have run; 800 MiB kept), plus the
+256 MiB L2-flush buffer Triton's autotuner allocates while it times the attention configs (first call of a
+shape). 5% covers the caching allocator's rounding. Fragmentation is kept out by expandable segments
+(cli.py sets them).
 
 Host memory per mode (bf16, full-size Qwen-Image-Edit; each streamed block pinned once, exact size):
   mode                          pinned (page-locked)               pageable
@@ -58,7 +60,7 @@ from .vae import QwenImageVAE, activation_bytes
 from .vision import VisionBlock, VisionConfig
 
 MiB, GiB = 2 ** 20, 2 ** 30
-MARGIN_FRACTION, MARGIN_FIXED = 0.05, 800 * MiB
+MARGIN_FRACTION, MARGIN_FIXED = 0.05, 1056 * MiB
 VAE_TILES = (None, 256, 192, 128, 96, 64, 48, 32, 16)  # latent px, preferred first
 PREFERRED_MIN_TILE = 64     # smaller tiles recompute a 13 px halo many times; used only when nothing else fits
 VL_MAX_TOKENS = 1280        # the processor's default max_pixels = 28 * 28 * 1280

@@ -58,15 +58,28 @@ class AttnBlock(nn.Module):
         b, c, h, w = x.shape
         qkv = self.to_qkv(self.norm(x)).flatten(2).transpose(1, 2)   # [B, HW, 3C]
         q, k, v = qkv.unsqueeze(1).chunk(3, dim=-1)                   # [B, 1, HW, C] each
-        if q.is_cuda:
-            # the memory-efficient kernel only: left to choose, SDPA sometimes took a path that held the
-            # [HW, HW] float32 scores (1 GiB at 1024^2, measured on an H100), 144 GiB at 4096x3072
-            with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
-                o = F.scaled_dot_product_attention(q, k, v)           # [B, 1, HW, C]
-        else:
-            o = F.scaled_dot_product_attention(q, k, v)
+        o = _attention(q, k, v)                                       # [B, 1, HW, C]
         o = o.reshape(b, h, w, c).permute(0, 3, 1, 2)                 # [B, C, H, W] (channels_last view)
         return self.proj(o) + x
+
+
+def _attention(q, k, v):
+    """SDPA held to the memory-efficient kernel on CUDA: left to choose, SDPA took a path that held the
+    [HW, HW] float32 scores for an image from the pipeline (1 GiB at 1024^2 on an H100; 144 GiB at
+    4096x3072). If the kernel refuses the views (strides), it gets contiguous copies; only then SDPA's own
+    choice."""
+    if not q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v)
+    with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+        try:
+            return F.scaled_dot_product_attention(q, k, v)
+        except RuntimeError:
+            pass
+        try:
+            return F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous())
+        except RuntimeError:
+            pass
+    return F.scaled_dot_product_attention(q, k, v)
 
 
 class Resample(nn.Module):
@@ -239,8 +252,9 @@ class QwenImageVAE(nn.Module):
     def _prep(self, x, multiple):
         if x.dim() != 4 or x.shape[-1] % multiple or x.shape[-2] % multiple:
             raise ValueError(f"expected [B, C, H, W] with H, W multiples of {multiple}, got {tuple(x.shape)}")
-        x = x.to(self.quant_conv.weight.dtype)
-        return x.contiguous(memory_format=_memory_format(x))
+        # a fresh tensor in the canonical layout: views (an image permuted from HWC) keep odd strides on
+        # size-1 dims, which follow the activations down to the attention
+        return x.to(self.quant_conv.weight.dtype).clone(memory_format=_memory_format(x))
 
     @torch.inference_mode()
     def encode(self, image, tile=None):

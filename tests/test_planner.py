@@ -5,7 +5,7 @@ import pytest
 
 from engine.config import MMDiTConfig, VAEConfig
 from engine.offload import stream_blocks
-from engine.planner import (GiB, Job, LoadError, model_sizes_from_configs, need, parse_size, plan,
+from engine.planner import (MARGIN_FIXED, GiB, Job, LoadError, model_sizes_from_configs, need, parse_size, plan,
                             smallest_budget)
 from engine.text_encoder import TextConfig
 from engine.vision import VisionConfig
@@ -48,7 +48,7 @@ def test_16gib_streams_some(sizes):
     assert 0 < r < 57 and p.streamed_per_step == p.mmdit_streamed * sizes.stream_bytes
     assert p.host_pinned["mmdit"] == p.mmdit_streamed * sizes.stream_bytes
     fits(p)
-    cap = (p.budget - 512 * 2 ** 20) / 1.05
+    cap = (p.budget - MARGIN_FIXED) / 1.05
     # one more resident block does not fit with the VAE at a tile of 64 or more ...
     assert (denoise_peak(sizes, EDIT_1K, r + 1) > cap or decode_peak(sizes, EDIT_1K, r + 1, 64) > cap
             or encode_peak(sizes, EDIT_1K, r + 1, 64) > cap)
@@ -72,14 +72,14 @@ def test_cfg_splits_only_when_batched_does_not_fit(sizes):
     from engine.planner import denoise_peak
     job = replace(EDIT_4K_CFG, steps=2)
     chosen = {}
-    for gib in (16, 6, 5):
-        p = plan(gib * GiB, job, sizes)
+    for gib in (16, 6, 5.25):
+        p = plan(int(gib * GiB), job, sizes)
         fits(p)
         chosen[gib] = p.cfg_split
         per_block = p.mmdit_streamed * sizes.stream_bytes
         # two whole forwards per step: each streamed block travels twice; per-row blocks: once
         assert p.streamed_per_step == (2 if p.cfg_split == "forwards" else 1) * per_block
-    assert chosen == {16: "batched", 6: "rows", 5: "forwards"}
+    assert chosen == {16: "batched", 6: "rows", 5.25: "forwards"}
     assert "CFG rows one at a time" in plan(6 * GiB, job, sizes).summary()
     # the splits are ordered by memory, and each is picked only when the one before does not fit
     peaks = [denoise_peak(sizes, job, 0, split) for split in ("batched", "rows", "forwards")]
