@@ -321,7 +321,7 @@ def main_diffusers(args):
     payload["setup_s"] = time.perf_counter() - t0
     cases = {"1024_b1": (1, (64, 64), "1024"), "1024_b2": (2, (64, 64), "1024"), "4k_b1": (1, (192, 256), "4k")}
     with torch.inference_mode():
-        for case, (batch, grid, _) in cases.items():
+        for case, (batch, grid, job) in cases.items():
             row_lens = lens
             fn = diffusers_forward(ref, batch, grid, row_lens)
             torch.cuda.empty_cache()

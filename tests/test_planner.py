@@ -72,15 +72,15 @@ def test_cfg_splits_only_when_batched_does_not_fit(sizes):
     from engine.planner import denoise_peak
     job = replace(EDIT_4K_CFG, steps=2)
     chosen = {}
-    for gib in (16, 6, 5.25):
+    for gib in (16, 7, 5.25):
         p = plan(int(gib * GiB), job, sizes)
         fits(p)
         chosen[gib] = p.cfg_split
         per_block = p.mmdit_streamed * sizes.stream_bytes
         # two whole forwards per step: each streamed block travels twice; per-row blocks: once
         assert p.streamed_per_step == (2 if p.cfg_split == "forwards" else 1) * per_block
-    assert chosen == {16: "batched", 6: "rows", 5.25: "forwards"}
-    assert "CFG rows one at a time" in plan(6 * GiB, job, sizes).summary()
+    assert chosen == {16: "batched", 7: "rows", 5.25: "forwards"}
+    assert "CFG rows one at a time" in plan(7 * GiB, job, sizes).summary()
     # the splits are ordered by memory, and each is picked only when the one before does not fit
     peaks = [denoise_peak(sizes, job, 0, split) for split in ("batched", "rows", "forwards")]
     assert peaks[0] > peaks[1] > peaks[2]
