@@ -30,7 +30,8 @@ from PIL import Image
 from benchmarks.common import env_info, time_ms, write_json
 from engine.config import MMDiTConfig, RunOptions, SchedulerConfig, VAEConfig
 from engine.mmdit import MMDiT
-from engine.planner import GiB, Job, activation_bytes, model_sizes_from_configs, plan, smallest_budget
+from engine.memory import GiB, Job, activation_bytes, model_sizes_from_configs
+from engine.planner import plan, smallest_budget
 from engine.text_encoder import TextConfig, TextEncoder
 from engine.vae import QwenImageVAE
 from engine.vision import VisionConfig

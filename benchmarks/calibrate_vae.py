@@ -15,7 +15,8 @@ import torch  # noqa: E402
 from benchmarks.bench_offload import random_state  # noqa: E402
 from benchmarks.common import env_info, write_json  # noqa: E402
 from engine.config import VAEConfig  # noqa: E402
-from engine.vae import QwenImageVAE, activation_bytes  # noqa: E402
+from engine.memory import activation_bytes  # noqa: E402
+from engine.vae import QwenImageVAE  # noqa: E402
 from loaders import assign  # noqa: E402
 
 GiB = 2 ** 30

@@ -35,7 +35,8 @@ def make_plan(model_dir, image_size, width, height, cfg_batch, text_encoder, bud
               steps=50):
     """The VRAM plan (engine.planner) for one edit of an image of image_size under `budget` bytes."""
     from .config import MMDiTConfig, VAEConfig
-    from .planner import Job, model_sizes_from_configs, plan
+    from .memory import Job, model_sizes_from_configs
+    from .planner import plan
     from .text_encoder import read_config
     snap = Snapshot(model_dir)
     cw, ch = condition_size(*image_size, area)

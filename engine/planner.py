@@ -10,21 +10,7 @@ runs them; the text encoder has left the GPU before the MMDiT and VAE arrive:
 without img_mod/txt_mod (the modulation table replaces them, so they never travel per step; one block's
 pair visits the GPU while the table is built). The VAE gets what is left: the largest tile that fits.
 
-Activations (elements, times the dtype's bytes; B batch, N image tokens noisy + condition, L text tokens,
-C width; counted from the code's live tensors on the CUDA path):
-  MMDiT forward  B * C * max(7 (N + L), 9 N + 4 L, 4 N + 9 L): the residual streams (caller's and new),
-                 normed inputs, attention outputs kept to the end of the block, and either q, k, v +
-                 attention output + out-projections (7 S) or the MLP's 4C hidden + its output (9 N + 4 L;
-                 GELU is fused into the GEMM epilogue, the unfused torch path needs 12 N). One block at a
-                 time; flash attention's workspace is O(S) (row statistics), not O(S^2).
-  + inputs       B L joint_dim (prompt embeddings) + 3 B N 64 (packed latents) + RoPE cos/sin float32 [S, 64]
-  + table        steps * blocks * 6 C * (img sets + 1)   (img sets = 2 with zero_cond_t)
-  LM prefill     B L' (max(6 D + 5 kv, 3 D + 3 I) + 3 D): residuals, norm, q/k/v with RoPE temporaries, or
-                 SwiGLU's silu(gate), up and their product; + final norm and the sliced embeddings.
-                 L' = L + 64 template tokens.
-  vision tower   P max(14 Dv, 3 Dv + 3 Iv): qkv, float32 RoPE temporaries, gathered window batches, or the
-                 SwiGLU; P = 4 x merged image tokens.
-  VAE            engine.vae.activation_bytes (measured on an H200 to ~1%).
+Each stage's peak is engine.memory's model; the planner picks the plan that fits.
 Margin: need = 1.05 x peak + 1056 MiB <= budget. The fixed part is what the process holds outside torch's
 allocator: the CUDA context, cuBLAS/cuDNN handles and loaded kernels (measured on an H100 with torch 2.11:
 0.62 GiB after the text encoder, 0.75 GiB once the MMDiT and VAE kernels have run; 800 MiB kept), plus the
@@ -43,7 +29,6 @@ Host memory per mode (bf16, full-size Qwen-Image-Edit; each streamed block pinne
 The text encoder's pinned buffers are released (handle.remove()) before the MMDiT's are made, so the peak
 is max(text, MMDiT), not their sum; loading adds one block's worth while the buffers are filled.
 """
-import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
@@ -52,111 +37,10 @@ import torch
 
 from loaders import LoadError
 
-from .config import VAEConfig
-from .mmdit import MMDiT, Block
-from .processor import MAX_PROMPT_TOKENS, TEMPLATE_DROP
-from .text_encoder import DecoderLayer, TextEncoder
-from .vae import QwenImageVAE, activation_bytes
-from .vision import VisionBlock, VisionConfig
-
-MiB, GiB = 2 ** 20, 2 ** 30
+from .memory import CFG_SPLITS, GiB, MiB, decode_peak, denoise_peak, encode_peak, text_peak
 MARGIN_FRACTION, MARGIN_FIXED = 0.05, 1056 * MiB
 VAE_TILES = (None, 256, 192, 128, 96, 64, 48, 32, 16)  # latent px, preferred first
 PREFERRED_MIN_TILE = 64     # smaller tiles recompute a 13 px halo many times; used only when nothing else fits
-VL_MAX_TOKENS = 1280        # the processor's default max_pixels = 28 * 28 * 1280
-
-
-@dataclass(frozen=True)
-class ModelSizes:
-    dtype_bytes: int
-    block_bytes: int            # one MMDiT block, modulation included
-    mod_bytes: int              # of which img_mod + txt_mod
-    blocks: int
-    mmdit_other: int            # embeddings, norms, proj_out
-    dim: int
-    joint_dim: int
-    head_dim: int
-    img_mod_sets: int           # 2 with zero_cond_t
-    vae_bytes: int
-    vae_cfg: VAEConfig
-    te_layer_bytes: int = 0     # text encoder (0 layers: none)
-    te_layers: int = 0
-    te_other: int = 0           # final norm, patch_embed, merger (embed_tokens stays on the host)
-    te_embed: int = 0           # embed_tokens
-    te_hidden: int = 0
-    te_intermediate: int = 0
-    te_kv: int = 0              # width of k (= of v)
-    te_head_dim: int = 0
-    vision_block_bytes: int = 0
-    vision_blocks: int = 0
-    vision_hidden: int = 0
-    vision_intermediate: int = 0
-    vision_patch: int = 0       # values per patch (3 * 2 * 14 * 14)
-
-    @property
-    def stream_bytes(self):     # what one MMDiT block moves per step
-        return self.block_bytes - self.mod_bytes
-
-
-def _bytes(module, dtype_bytes):
-    return sum(p.numel() for p in module.parameters()) * dtype_bytes
-
-
-def model_sizes_from_configs(mmdit_cfg, text_cfg, vae_cfg, dtype_bytes=2):
-    """Byte counts from the configs, by building one block of each kind on the meta device (no memory).
-    text_cfg: (TextConfig, VisionConfig) as engine.text_encoder.read_config returns, a TextConfig (default
-    vision tower), or None when the job brings its own prompt embeddings."""
-    with torch.device("meta"):
-        block = Block(mmdit_cfg)
-        sizes = dict(
-            dtype_bytes=dtype_bytes, block_bytes=_bytes(block, dtype_bytes),
-            mod_bytes=_bytes(block.img_mod, dtype_bytes) + _bytes(block.txt_mod, dtype_bytes),
-            blocks=mmdit_cfg.num_layers,
-            mmdit_other=_bytes(MMDiT(dataclasses.replace(mmdit_cfg, num_layers=0)), dtype_bytes),
-            dim=mmdit_cfg.dim, joint_dim=mmdit_cfg.joint_attention_dim, head_dim=mmdit_cfg.attention_head_dim,
-            img_mod_sets=2 if mmdit_cfg.zero_cond_t else 1, vae_cfg=vae_cfg)
-        sizes["vae_bytes"] = _bytes(QwenImageVAE(vae_cfg), dtype_bytes)
-        if text_cfg is not None:
-            cfg, vision = text_cfg if isinstance(text_cfg, tuple) else (text_cfg, VisionConfig())
-            empty = TextEncoder(dataclasses.replace(cfg, num_hidden_layers=0), dataclasses.replace(vision, depth=0))
-            sizes.update(
-                te_layer_bytes=_bytes(DecoderLayer(cfg), dtype_bytes), te_layers=cfg.num_hidden_layers,
-                te_other=_bytes(empty, dtype_bytes) - _bytes(empty.embed_tokens, dtype_bytes),
-                te_embed=_bytes(empty.embed_tokens, dtype_bytes), te_hidden=cfg.hidden_size,
-                te_intermediate=cfg.intermediate_size, te_kv=cfg.num_key_value_heads * cfg.head_dim,
-                te_head_dim=cfg.head_dim, vision_block_bytes=_bytes(VisionBlock(vision), dtype_bytes),
-                vision_blocks=vision.depth, vision_hidden=vision.hidden_size,
-                vision_intermediate=vision.intermediate_size,
-                vision_patch=vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2)
-    return ModelSizes(**sizes)
-
-
-@dataclass(frozen=True)
-class Job:
-    """One edit: output size, condition image size (VAE encode, condition tokens), batch (2 with CFG)."""
-    width: int
-    height: int
-    cond_width: int = 1024
-    cond_height: int = 1024
-    batch: int = 2
-    text_len: int = None        # MMDiT text tokens, an upper bound; default: VL image tokens + the prompt limit
-    vl_tokens: int = None       # merged image tokens the VL model sees; default: the condition image's, capped
-    steps: int = 50
-    text_encoder: bool = True   # False: prompt embeddings come from a file
-
-    def __post_init__(self):
-        if self.vl_tokens is None:
-            vl = math.ceil(self.cond_width / 28) * math.ceil(self.cond_height / 28)
-            object.__setattr__(self, "vl_tokens", min(vl, VL_MAX_TOKENS))
-        if self.text_len is None:
-            object.__setattr__(self, "text_len", self.vl_tokens + MAX_PROMPT_TOKENS - TEMPLATE_DROP)
-
-    @property
-    def tokens(self):           # image tokens of the MMDiT: noisy + condition, 16 px per token
-        return (self.width // 16) * (self.height // 16) + (self.cond_width // 16) * (self.cond_height // 16)
-
-    def describe(self):
-        return f"{self.width}x{self.height} edit" + (" with CFG" if self.batch > 1 else "")
 
 
 @dataclass(frozen=True)
@@ -175,6 +59,7 @@ class Plan:
     host_pinned: dict           # "text" / "mmdit" -> pinned host bytes of the streamed blocks
     streamed_per_step: int      # bytes the MMDiT moves host -> GPU per denoising step
     needs: dict = field(default_factory=dict)   # stage -> peak with margin
+    faster_cfg_from: dict = field(default_factory=dict)   # better CFG split -> smallest budget that allows it
     cfg_split: str = "batched"  # CFG rows: "batched" (one B=2 forward), "rows" (each block takes one row at a
                                 # time: one row's intermediates, each block still travels once per step) or
                                 # "forwards" (two B=1 forwards: the least memory, streamed blocks travel twice)
@@ -195,6 +80,9 @@ class Plan:
                          f"{self.vision_resident}/{self.vision_blocks} vision blocks; peak {gib(self.peaks['text'])}")
         cfg = {"batched": "", "rows": "; CFG rows one at a time through each block",
                "forwards": "; CFG as two B=1 forwards"}[self.cfg_split]
+        if self.faster_cfg_from:
+            cfg += " (" + ", ".join(f"{'per-row' if k == 'rows' else k} from {gib_up(v)}"
+                                    for k, v in self.faster_cfg_from.items()) + ")"
         lines.append(f"  denoise       {self.mmdit_resident}/{self.mmdit_blocks} blocks resident, "
                      f"{self.streamed_per_step / 1e9:.1f} GB streamed per step{cfg}; "
                      f"peak {gib(self.peaks['denoise'])}")
@@ -207,75 +95,14 @@ def gib(n):
     return f"{n / GiB:.2f} GiB"
 
 
+def gib_up(n):
+    """n bytes in GiB rounded up to 0.01: a budget of that size fits, whatever was rounded away."""
+    return f"{math.ceil(n / GiB * 100) / 100:.2f} GiB"
+
+
 def need(peak):
     """Bytes of budget a predicted peak takes once the margin is added."""
     return math.ceil(peak * (1 + MARGIN_FRACTION)) + MARGIN_FIXED
-
-
-# ---- per-stage peaks ------------------------------------------------------------------------------
-
-def _resident_weights(n, r, block):
-    """r resident blocks + the 2 slots the other n - r stream through (1 if only one streams)."""
-    return r * block + min(2, n - r) * block
-
-
-def mmdit_activations(s, job, rows=None):
-    """One forward's peak activations with `rows` rows (default all B) through a block at a time: those
-    rows' intermediates, plus the other rows' block inputs and the [B, ...] output the chunks are written
-    into (2B - rows residual rows; measured on an H100 for a 4K edit, B=2: 4.84 GiB, this formula 4.84)."""
-    B, N, L, d = job.batch, job.tokens, job.text_len, s.dtype_bytes
-    rows = B if rows is None else min(rows, B)
-    extra = 2 * B - rows if rows < B else 0
-    act = (rows * max(7 * (N + L), 9 * N + 4 * L, 4 * N + 9 * L) + extra * (N + L)) * s.dim * d
-    inputs = B * L * s.joint_dim * d + 3 * B * N * 64 * d + (N + L) * (s.head_dim // 2) * 4 * 2
-    return act + inputs
-
-
-def table_bytes(s, job):
-    return job.steps * s.blocks * 6 * s.dim * (s.img_mod_sets + 1) * s.dtype_bytes
-
-
-def text_peak(s, job, r, rv):
-    d, B, L = s.dtype_bytes, job.batch, job.text_len + TEMPLATE_DROP
-    D, I, kv = s.te_hidden, s.te_intermediate, s.te_kv
-    lm = B * L * (max(6 * D + 5 * kv, 3 * D + 3 * I) + 3 * D) * d + B * L * s.te_head_dim * (4 + 2 * d)
-    P = 4 * job.vl_tokens
-    vision = P * max(14 * s.vision_hidden, 3 * s.vision_hidden + 3 * s.vision_intermediate) * d
-    vision += P * s.vision_patch * (4 + d)           # pixel values: float32 from the processor + the cast
-    weights = (s.te_other + _resident_weights(s.te_layers, r, s.te_layer_bytes)
-               + _resident_weights(s.vision_blocks, rv, s.vision_block_bytes))
-    return weights + max(lm, vision)
-
-
-def weights_on_gpu(s, r):
-    """MMDiT (r resident blocks, modulation weights dropped) + VAE, from VAE encode to VAE decode."""
-    return s.mmdit_other + _resident_weights(s.blocks, r, s.stream_bytes) + s.vae_bytes
-
-
-def _dtype(s):
-    return torch.float32 if s.dtype_bytes == 4 else torch.bfloat16
-
-
-def encode_peak(s, job, r, tile):
-    h, w = job.cond_height // 8, job.cond_width // 8
-    return weights_on_gpu(s, r) + activation_bytes(s.vae_cfg, h, w, tile, _dtype(s), 1, encode=True)
-
-
-def decode_peak(s, job, r, tile):
-    h, w = job.height // 8, job.width // 8
-    image = 3 * job.height * job.width * 4           # tensor_to_image's float32 copy
-    return (weights_on_gpu(s, r) + table_bytes(s, job) + image
-            + activation_bytes(s.vae_cfg, h, w, tile, _dtype(s), 1, encode=False))
-
-
-CFG_SPLITS = ("batched", "rows", "forwards")   # most activation memory first
-
-
-def denoise_peak(s, job, r, split="batched"):
-    # while the table is built, one block's modulation weights visit instead of the activations
-    act = {"batched": lambda: mmdit_activations(s, job), "rows": lambda: mmdit_activations(s, job, rows=1),
-           "forwards": lambda: mmdit_activations(s, dataclasses.replace(job, batch=1))}[split]()
-    return weights_on_gpu(s, r) + table_bytes(s, job) + max(act, s.mod_bytes)
 
 
 # ---- choices ------------------------------------------------------------------------------------
@@ -322,14 +149,15 @@ def _mmdit_choice(s, job, cap, mode, split="batched"):
     return None
 
 
-def smallest_budget(job, sizes, mode="auto"):
-    """The least budget any plan fits: fewest resident blocks (2 slots), the VAE at its thriftiest tile."""
+def smallest_budget(job, sizes, mode="auto", split="forwards"):
+    """The least budget any plan fits: fewest resident blocks (2 slots), the VAE at its thriftiest tile,
+    CFG as `split` (default the thriftiest, two B=1 forwards)."""
     s, peaks = sizes, []
     if job.text_encoder and s.te_layers:
         peaks.append(text_peak(s, job, resident_choices(s.te_layers, mode)[-1],
                                resident_choices(s.vision_blocks, mode)[-1]))
     r = resident_choices(s.blocks, mode)[-1]
-    peaks.append(denoise_peak(s, job, r, "forwards"))   # CFG may run as two B=1 forwards
+    peaks.append(denoise_peak(s, job, r, split))
     peaks.append(min(encode_peak(s, job, r, t) for t in _tiles(job.cond_height // 8, job.cond_width // 8)))
     peaks.append(min(decode_peak(s, job, r, t) for t in _tiles(job.height // 8, job.width // 8)))
     return need(max(peaks))
@@ -353,7 +181,7 @@ def plan(budget_bytes, job, model_sizes, mode="auto"):
         # round up to 0.01 GiB: that budget fits, and anything 1% lower does not
         raise LoadError(f"--vram {gib(budget_bytes)} is too small for a {job.describe()}"
                         f"{' with every block resident (--offload none)' if mode == 'none' else ''}; "
-                        f"the smallest budget that fits is {math.ceil(smallest / GiB * 100) / 100:.2f} GiB")
+                        f"the smallest budget that fits is {gib_up(smallest)}")
     (r_te, r_vis), (r, enc, dec) = te, mm
     peaks = {"denoise": denoise_peak(s, job, r, split), "vae_encode": encode_peak(s, job, r, enc),
              "vae_decode": decode_peak(s, job, r, dec)}
@@ -370,7 +198,8 @@ def plan(budget_bytes, job, model_sizes, mode="auto"):
                      + (vision_blocks - min(r_vis, vision_blocks)) * s.vision_block_bytes,
                      "mmdit": streamed * s.stream_bytes},
         streamed_per_step=(streamed * s.stream_bytes if streamed > 2 else 0) * (job.batch if split == "forwards" else 1),
-        needs={k: need(v) for k, v in peaks.items()}, cfg_split=split)
+        needs={k: need(v) for k, v in peaks.items()}, cfg_split=split,
+        faster_cfg_from={k: smallest_budget(job, s, mode, k) for k in CFG_SPLITS[:CFG_SPLITS.index(split)]})
 
 
 _UNITS = {"": 1, "k": 2 ** 10, "m": 2 ** 20, "g": 2 ** 30, "t": 2 ** 40}

@@ -290,12 +290,6 @@ class QwenImageVAE(nn.Module):
         mean, std = self._stats(z)
         return z / (1.0 / std) + mean
 
-    def decode_bytes_estimate(self, h, w, tile=None, dtype=torch.bfloat16, batch=1):  # latents [batch, z, h, w]
-        return activation_bytes(self.cfg, h, w, tile, dtype, batch, encode=False)
-
-    def encode_bytes_estimate(self, h, w, tile=None, dtype=torch.bfloat16, batch=1):  # image [batch, 3, 8h, 8w]
-        return activation_bytes(self.cfg, h, w, tile, dtype, batch, encode=True)
-
 
 def activation_bytes(cfg, h, w, tile=None, dtype=torch.bfloat16, batch=1, encode=False):
     """Peak activation estimate (h, w in latent px), weights excluded:

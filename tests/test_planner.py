@@ -5,7 +5,8 @@ import pytest
 
 from engine.config import MMDiTConfig, VAEConfig
 from engine.offload import stream_blocks
-from engine.planner import (MARGIN_FIXED, GiB, Job, LoadError, model_sizes_from_configs, need, parse_size, plan,
+from engine.memory import GiB, Job, model_sizes_from_configs
+from engine.planner import (MARGIN_FIXED, LoadError, need, parse_size, plan,
                             smallest_budget)
 from engine.text_encoder import TextConfig
 from engine.vision import VisionConfig
@@ -42,7 +43,8 @@ def test_80gib_keeps_everything_resident(sizes):
 
 
 def test_16gib_streams_some(sizes):
-    from engine.planner import VAE_TILES, decode_peak, denoise_peak, encode_peak
+    from engine.memory import decode_peak, denoise_peak, encode_peak
+    from engine.planner import VAE_TILES
     p = plan(16 * GiB, EDIT_1K, sizes)
     r = p.mmdit_resident
     assert 0 < r < 57 and p.streamed_per_step == p.mmdit_streamed * sizes.stream_bytes
@@ -69,7 +71,7 @@ def test_6gib_4k_streams_and_tiles(sizes):
 def test_cfg_splits_only_when_batched_does_not_fit(sizes):
     from dataclasses import replace
 
-    from engine.planner import denoise_peak
+    from engine.memory import CFG_SPLITS, denoise_peak
     job = replace(EDIT_4K_CFG, steps=2)
     chosen = {}
     for gib in (16, 7, 5.25):
@@ -81,6 +83,12 @@ def test_cfg_splits_only_when_batched_does_not_fit(sizes):
         assert p.streamed_per_step == (2 if p.cfg_split == "forwards" else 1) * per_block
     assert chosen == {16: "batched", 7: "rows", 5.25: "forwards"}
     assert "CFG rows one at a time" in plan(7 * GiB, job, sizes).summary()
+    # a split chosen to save memory names the budgets from which the faster ones fit, and they do
+    tight = plan(int(5.25 * GiB), job, sizes)
+    assert set(tight.faster_cfg_from) == {"batched", "rows"} and "per-row from" in tight.summary()
+    for split, budget in tight.faster_cfg_from.items():
+        assert plan(budget, job, sizes).cfg_split in CFG_SPLITS[:CFG_SPLITS.index(split) + 1]
+        assert plan(budget - 2 ** 20, job, sizes).cfg_split != split
     # the splits are ordered by memory, and each is picked only when the one before does not fit
     peaks = [denoise_peak(sizes, job, 0, split) for split in ("batched", "rows", "forwards")]
     assert peaks[0] > peaks[1] > peaks[2]

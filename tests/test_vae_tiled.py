@@ -80,13 +80,15 @@ def test_halo_is_exact_and_tight():
 def test_bytes_estimate():
     with torch.device("meta"):
         vae = QwenImageVAE(VAEConfig())
-    whole = vae.decode_bytes_estimate(128, 128, None, torch.bfloat16)
-    assert whole > vae.decode_bytes_estimate(128, 128, 64) > vae.decode_bytes_estimate(128, 128, 32) > 0
-    assert vae.decode_bytes_estimate(128, 128, 200) == whole
-    assert vae.decode_bytes_estimate(128, 128, None, torch.float32) == 2 * whole
+    from engine.memory import activation_bytes
+    est = lambda tile, dtype=torch.bfloat16: activation_bytes(vae.cfg, 128, 128, tile, dtype)
+    whole = est(None)
+    assert whole > est(64) > est(32) > 0
+    assert est(200) == whole
+    assert est(None, torch.float32) == 2 * whole
     # peaks measured on an H200, bf16, batch 1, random weights (GiB): (h, w, tile) -> decode, encode
     measured = {(128, 128, None): (1.328, 1.135), (128, 128, 64): (0.496, 0.389), (128, 128, 32): (0.290, 0.193),
                 (384, 512, None): (15.938, 13.617), (384, 512, 64): (1.131, 1.125)}
     for (h, w, tile), (dec, enc) in measured.items():
-        assert abs(vae.decode_bytes_estimate(h, w, tile) / 2 ** 30 / dec - 1) < 0.1, (h, w, tile)
-        assert abs(vae.encode_bytes_estimate(h, w, tile) / 2 ** 30 / enc - 1) < 0.1, (h, w, tile)
+        assert abs(activation_bytes(vae.cfg, h, w, tile) / 2 ** 30 / dec - 1) < 0.1, (h, w, tile)
+        assert abs(activation_bytes(vae.cfg, h, w, tile, encode=True) / 2 ** 30 / enc - 1) < 0.1, (h, w, tile)
