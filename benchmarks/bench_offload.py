@@ -108,15 +108,13 @@ def h2d_bandwidth(nbytes=1 << 30, reps=10):
     return nbytes / ms / 1e6
 
 
-def _release(models, te=None):
-    """Back to a clean GPU: streams removed, every weight on the host."""
-    if models is not None:
-        if models.stream is not None:
-            models.stream.remove()
-        models.transformer.to("cpu")
-        models.vae.to("cpu")
-    if te is not None:
-        te.to("cpu")
+def _release(models, *modules):
+    """Back to a clean GPU: the transformer's stream removed, every weight on the host (also after a
+    failed run: place_models removes its own stream when it fails)."""
+    if models is not None and models.stream is not None:
+        models.stream.remove()
+    for m in modules:
+        m.to("cpu")
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -183,7 +181,7 @@ def run_edit(name, budget, mode, job_key, mm, te, vae, processor, sizes, device=
         traceback.print_exc()
         row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
     finally:
-        _release(models, te)
+        _release(models, mm, vae, te)
         if cuda:
             torch.cuda.set_per_process_memory_fraction(1.0)
     row["host_peak_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB

@@ -1,7 +1,8 @@
 """Memory model: the bytes each stage of an edit holds on the GPU, from the configs alone (no CUDA calls).
 
 engine.planner chooses with it; benchmarks/bench_offload.py and calibrate_vae.py check it against measured
-peaks (H100: within 1-4% per stage, benchmarks/RESULTS.md).
+peaks (H100, benchmarks/RESULTS.md: no stage above its prediction by more than 4% but per-row CFG, 7%
+before the correction below; the text stage over-predicted by up to 17%).
 
 Activations (elements, times the dtype's bytes; B batch, N image tokens noisy + condition, L text tokens,
 C width; counted from the code's live tensors on the CUDA path):
@@ -181,7 +182,7 @@ def encode_peak(s, job, r, tile):
 def decode_peak(s, job, r, tile):
     h, w = job.height // 8, job.width // 8
     image = 3 * job.height * job.width * 4           # tensor_to_image's float32 copy
-    return (weights_on_gpu(s, r) + table_bytes(s, job) + image
+    return (weights_on_gpu(s, r) + image       # the modulation table is freed before the decode
             + activation_bytes(s.vae_cfg, h, w, tile, _dtype(s), 1, encode=False))
 
 

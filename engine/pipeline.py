@@ -70,7 +70,11 @@ def place_models(transformer, vae, scheduler_cfg, device, dtype, plan=None):
     stream = None
     if plan is not None:
         stream = stream_blocks(transformer.transformer_blocks, device, plan.mmdit_resident)
-        move_except(transformer, device, transformer.transformer_blocks)
+        try:
+            move_except(transformer, device, transformer.transformer_blocks)
+        except BaseException:
+            stream.remove()     # no hooks or pinned buffers left behind
+            raise
     else:
         move_except_modulation(transformer, device)
     return EditModels(transformer, vae.to(device), scheduler_cfg, device, dtype, plan, stream)
@@ -93,30 +97,35 @@ def encode_texts(model_dir, jobs, device="cpu", dtype="float32", area=1024 * 102
     snap.require("text_encoder")
     processor = load_processor(snap, resize=resize)
     te = load_text_encoder(snap, torch_dtype(dtype), "cpu" if plan is not None else device)
-    return run_text_encoder(processor, te, jobs, device, area, plan)
+    try:
+        return run_text_encoder(processor, te, jobs, device, area, plan)
+    finally:
+        del te      # ~16 GB: gone before the transformer loads
+        if str(device).startswith("cuda"):
+            torch.cuda.empty_cache()
 
 
 def run_text_encoder(processor, te, jobs, device, area=1024 * 1024, plan=None):
-    """encode_texts with a built text encoder (on `device`, or on the host when a plan streams it). The
-    streamed layers' pinned host buffers are released before returning, and the device memory freed."""
+    """encode_texts with a built text encoder (on `device`, or on the host when a plan streams it). With a
+    plan, the streamed layers' hooks and pinned host buffers are released before returning (errors too);
+    the caller drops `te` to free its device memory."""
     from .text_encoder import encode_prompts
     handles = []
-    if plan is not None:
-        handles = [stream_blocks(te.layers, device, plan.te_resident, skip=()),
-                   stream_blocks(te.visual.blocks, device, plan.vision_resident, skip=())]
-        # the 1.1 GB embedding table stays on the host: a lookup of a few thousand rows, copied over
-        move_except(te, device, te.layers, te.visual.blocks, te.embed_tokens)
-    results = []
-    for image, prompts in jobs:
-        prompt_image = image.resize(condition_size(*image.size, area), resample=Image.LANCZOS)
-        embeds, mask = encode_prompts(processor, te, prompts, prompt_image)
-        results.append([(embeds[i:i + 1, :int(mask[i].sum())].cpu(), mask[i:i + 1, :int(mask[i].sum())].cpu())
-                        for i in range(len(prompts))])
-    for h in handles:  # unpin the host buffers before the transformer pins its own
-        h.remove()
-    del te, handles
-    if str(device).startswith("cuda"):
-        torch.cuda.empty_cache()
+    try:
+        if plan is not None:
+            handles.append(stream_blocks(te.layers, device, plan.te_resident, skip=()))
+            handles.append(stream_blocks(te.visual.blocks, device, plan.vision_resident, skip=()))
+            # the 1.1 GB embedding table stays on the host: a lookup of a few thousand rows, copied over
+            move_except(te, device, te.layers, te.visual.blocks, te.embed_tokens)
+        results = []
+        for image, prompts in jobs:
+            prompt_image = image.resize(condition_size(*image.size, area), resample=Image.LANCZOS)
+            embeds, mask = encode_prompts(processor, te, prompts, prompt_image)
+            results.append([(embeds[i:i + 1, :int(mask[i].sum())].cpu(), mask[i:i + 1, :int(mask[i].sum())].cpu())
+                            for i in range(len(prompts))])
+    finally:
+        for h in handles:  # unpin the host buffers before the transformer pins its own
+            h.remove()
     return results
 
 
@@ -262,6 +271,7 @@ def edit(models: EditModels, image, prompt_embeds, prompt_mask=None, negative_em
             latents = sched.euler_step(latents, v, sigmas[i], sigmas[i + 1])
             if progress is not None:
                 progress(i)
+        del mods    # the table is done with: the VAE decode gets its memory
         _mark(models, "denoise", t1)
 
         t2 = time.perf_counter()

@@ -5,7 +5,7 @@ runs them; the text encoder has left the GPU before the MMDiT and VAE arrive:
   text        text-encoder weights on the GPU + max(vision tower, LM prefill) activations
   vae_encode  MMDiT weights on the GPU + VAE + encoder activations of the condition image
   denoise     MMDiT weights on the GPU + VAE + modulation table + inputs + activations of one forward
-  vae_decode  MMDiT weights on the GPU + VAE + modulation table + decoder activations + float32 image
+  vae_decode  MMDiT weights on the GPU + VAE + decoder activations + float32 image
 "Weights on the GPU" = non-block weights + resident blocks + 2 slots when any block streams; MMDiT blocks
 without img_mod/txt_mod (the modulation table replaces them, so they never travel per step; one block's
 pair visits the GPU while the table is built). The VAE gets what is left: the largest tile that fits.

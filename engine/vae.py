@@ -7,6 +7,8 @@ image path is 2D convs with weight[:, :, -1] (loaders/vae_layout.py converts the
 Parameter names equal the checkpoint keys (minus time_conv). Norms are per pixel (RMS over channels);
 the only global op is the single-head attention of each mid block, which runs at latent resolution.
 """
+import warnings
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -71,14 +73,15 @@ def _attention(q, k, v):
     if not q.is_cuda:
         return F.scaled_dot_product_attention(q, k, v)
     with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
-        try:
-            return F.scaled_dot_product_attention(q, k, v)
-        except RuntimeError:
-            pass
-        try:
-            return F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous())
-        except RuntimeError:
-            pass
+        for args in ((q, k, v), (q.contiguous(), k.contiguous(), v.contiguous())):
+            try:
+                return F.scaled_dot_product_attention(*args)
+            except torch.OutOfMemoryError:
+                raise           # a budget problem, not a kernel choice: no silent fallback
+            except RuntimeError:   # "No available kernel"
+                pass
+    warnings.warn("VAE attention: the memory-efficient SDPA kernel refused these inputs; using SDPA's own "
+                  "choice, which may hold the full [HW, HW] score matrix", stacklevel=2)
     return F.scaled_dot_product_attention(q, k, v)
 
 
@@ -289,35 +292,6 @@ class QwenImageVAE(nn.Module):
         """MMDiT latents -> raw latents; divides by 1/std (in z's dtype) as the pipeline does."""
         mean, std = self._stats(z)
         return z / (1.0 / std) + mean
-
-
-def activation_bytes(cfg, h, w, tile=None, dtype=torch.bfloat16, batch=1, encode=False):
-    """Peak activation estimate (h, w in latent px), weights excluded:
-        itemsize * batch * max(k * widest * th * tw + C * h * w + 3 * 64 * h * w,   tiled path
-                               8 * C * h * w + 3 * 64 * h * w)                          latent path
-    widest = channels x area-scale of the largest tiled-path tensor per latent px (Qwen-Image: decoder
-    192 ch nearest-upsampled to 8x = 12288, encoder 96 ch at 8x = 6144); th x tw = the largest tile
-    with its halo; C = mid-block width (384); 3 * 64 * h * w = the image. k = 3.5 (decoder) / 6 (encoder)
-    and 8 (qkv + attention output + norms) were measured on an H200 in bf16, where the RMS norm's
-    float32 upcast dominates: the formula gave 1.33 / 15.96 / 1.19 GiB for 1024^2 untiled / 4096x3072
-    untiled / 4096x3072 tile 64 decode, measured 1.33 / 15.94 / 1.13 GiB."""
-    n = len(cfg.dim_mult)
-    if encode:   # block i runs at area scale 4^(n-1-i); conv_in at full resolution; mid block last
-        dims = _encoder_dims(cfg)
-        widest, c = max([dims[0] * 4 ** (n - 1)] + [dims[i + 1] * 4 ** (n - 1 - i) for i in range(n)]), dims[-1]
-    else:        # block i runs at 4^i; its nearest x2 output (before the conv halves C) at 4^(i+1)
-        dims = _decoder_dims(cfg)
-        widest = max([dims[i + 1] * 4 ** i for i in range(n)] + [dims[i + 1] * 4 ** (i + 1) for i in range(n - 1)])
-        c = dims[0]
-    halo = encoder_halo(cfg) if encode else decoder_halo(cfg)
-
-    def span(size):   # the largest tile-plus-halo extent along one axis
-        t = size if tile is None else tile
-        return max(min(y + t + halo, size) - max(y - halo, 0) for y in range(0, size, t))
-
-    k, image = (6.0 if encode else 3.5), 3 * cfg.scale_factor ** 2 * h * w
-    elems = max(k * widest * span(h) * span(w) + c * h * w + image, 8 * c * h * w + image)
-    return int(elems * batch * torch.empty((), dtype=dtype).element_size())
 
 
 def load_vae(snapshot, dtype=torch.float32, device="cpu"):

@@ -83,6 +83,35 @@ def test_streamed_mmdit_is_bit_exact(mmdit, resident):
         assert torch.equal(g, w)
 
 
+def test_rows_per_block_streams_each_block_once(mmdit):
+    """CFG rows one at a time through each block: every streamed block is copied once per forward (not
+    once per row), and the output is the batched forward's up to GEMM rounding of B=1 vs B=2."""
+    ts = torch.tensor([0.9, 0.4])
+    ref = copy.deepcopy(mmdit)
+    table = modulation_table(ref, ts)
+    drop_modulation_weights(ref)
+    x, txt, txt_len, shapes = inputs()
+    with torch.inference_mode():
+        want = [ref(x, txt, txt_len, t.expand(2), shapes, mods=m) for t, m in zip(ts, table)]
+    model = copy.deepcopy(ref)
+    handle = stream_blocks(model.transformer_blocks, "cpu", 0)
+    move_except(model, "cpu", model.transformer_blocks)
+    calls, copied = [], []
+    for blk in model.transformer_blocks:
+        blk.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
+    with torch.inference_mode():
+        for t, m, w in zip(ts, table, want):
+            before = handle.bytes_copied
+            got = model(x, txt, txt_len, t.expand(2), shapes, mods=m, rows_per_block=1)
+            copied.append(handle.bytes_copied - before)
+            # the per-row kv_len and mods slices: a swapped or unsliced row would be off by far more
+            assert (got - w).abs().max() <= 1e-5 * w.abs().max()
+    assert calls[:2 * LAYERS] == [1] * (2 * LAYERS)          # two calls of one row per block
+    # first forward: LAYERS copies + the wrap-around prefetch; second: LAYERS again (not 2 x LAYERS)
+    assert copied == [(LAYERS + 1) * handle.slot_bytes, LAYERS * handle.slot_bytes]
+    handle.remove()
+
+
 def test_mods_skipped_and_table_streamed(mmdit):
     """Modulation weights stay put (never in a slot); the block-by-block table equals modulation_table."""
     ts = torch.tensor([0.9, 0.5, 0.2])
