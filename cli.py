@@ -68,7 +68,11 @@ def _plan(model_dir, image, args, text_encoder, cfg_batch):
     from engine.planner import default_budget, parse_size
     if args.device != "cuda":
         raise _input_error("--vram/--offload plan GPU memory; use them with --device cuda")
-    budget = parse_size(args.vram) if args.vram else default_budget("cuda")
+    available = default_budget("cuda")
+    budget = parse_size(args.vram) if args.vram else available
+    if budget > available:
+        raise _input_error(f"--vram {args.vram} is more than this GPU has free ({available / 2 ** 30:.2f} GiB); "
+                           "give at most that, or close what else uses the GPU")
     p = make_plan(model_dir, image.size, getattr(args, "width", None), getattr(args, "height", None), cfg_batch,
                   text_encoder, budget, args.offload or "auto", _dtype(args), steps=args.steps)
     print(p.summary(), file=sys.stderr)
@@ -193,6 +197,7 @@ def cmd_edit(args):
     image = read_image(args.image)
     tensors = _read_embeds(args.prompt_embeds) if args.prompt_embeds else None
     cfg_batch = 2 if args.cfg > 1 and (tensors is None or "negative_prompt_embeds" in tensors) else 1
+    args.job_shape = (image.size, cfg_batch, tensors is None)   # for the out-of-memory advice
     plan = _plan(args.model, image, args, text_encoder=tensors is None, cfg_batch=cfg_batch)
     if tensors is None:
         tensors = _encode(args.model, image, args, plan)
@@ -288,6 +293,26 @@ def build_parser():
     return p
 
 
+def _oom_advice(args):
+    """Which budget flag would fit the edit that ran out of GPU memory: the planner's least budget for it
+    (the generic advice when the job cannot be sized)."""
+    generic = "give a budget with --vram SIZE (weights then stream from host RAM), or a smaller --width/--height"
+    try:
+        from engine.pipeline import edit_job
+        from engine.planner import gib_up, smallest_budget
+        size, cfg_batch, text_encoder = args.job_shape
+        job, sizes = edit_job(args.model, size, args.width, args.height, cfg_batch, text_encoder, _dtype(args),
+                              steps=args.steps)
+        least = gib_up(smallest_budget(job, sizes, "stream"))
+    except Exception:
+        return generic
+    if getattr(args, "vram", None) or getattr(args, "offload", None):
+        return (f"this edit used more than its plan counted; a lower --vram keeps less on the GPU "
+                f"(the least this edit can run in: --vram {least.replace(' ', '')} --offload stream)")
+    return (f"rerun with a budget: --offload auto plans for what this GPU has free, and the least this edit "
+            f"can run in is --vram {least.replace(' ', '')}")
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     from engine.processor import PromptError
@@ -303,8 +328,7 @@ def main(argv=None):
     except Exception as e:
         import torch
         if isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower():
-            print("error: out of GPU memory; give a budget that fits, e.g. --vram 16GiB (weights then stream "
-                  "from host RAM), or a smaller --width/--height", file=sys.stderr)
+            print(f"error: out of GPU memory; {_oom_advice(args)}", file=sys.stderr)
             return EXIT_OOM
         if "can't allocate memory" in str(e).lower() or "defaultcpuallocator" in str(e).lower():
             print("error: out of host memory; close other programs or use a smaller --width/--height",

@@ -31,19 +31,24 @@ class EditModels:
     peaks: dict = field(default_factory=dict)   # stage -> (VRAM allocated, reserved) at its peak; CUDA only
 
 
-def make_plan(model_dir, image_size, width, height, cfg_batch, text_encoder, budget, mode, dtype, area=1024 * 1024,
-              steps=50):
-    """The VRAM plan (engine.planner) for one edit of an image of image_size under `budget` bytes."""
+def edit_job(model_dir, image_size, width, height, cfg_batch, text_encoder, dtype, area=1024 * 1024, steps=50):
+    """(engine.memory.Job, ModelSizes) of one edit of an image of image_size with the snapshot's configs."""
     from .config import MMDiTConfig, VAEConfig
     from .memory import Job, model_sizes_from_configs
-    from .planner import plan
     from .text_encoder import read_config
     snap = Snapshot(model_dir)
     cw, ch = condition_size(*image_size, area)
     text_cfg = read_config(snap.config("text_encoder")) if text_encoder else None
     sizes = model_sizes_from_configs(MMDiTConfig.from_dict(snap.config("transformer")), text_cfg,
                                      VAEConfig.from_dict(snap.config("vae")), torch_dtype(dtype).itemsize)
-    job = Job(width or cw, height or ch, cw, ch, batch=cfg_batch, steps=steps, text_encoder=text_encoder)
+    return Job(width or cw, height or ch, cw, ch, batch=cfg_batch, steps=steps, text_encoder=text_encoder), sizes
+
+
+def make_plan(model_dir, image_size, width, height, cfg_batch, text_encoder, budget, mode, dtype, area=1024 * 1024,
+              steps=50):
+    """The VRAM plan (engine.planner) for one edit of an image of image_size under `budget` bytes."""
+    from .planner import plan
+    job, sizes = edit_job(model_dir, image_size, width, height, cfg_batch, text_encoder, dtype, area, steps)
     return plan(budget, job, sizes, mode)
 
 

@@ -205,3 +205,21 @@ def test_large_and_float_images(tmp_path, monkeypatch):
     half = Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32), mode="F")
     half.save(tmp_path / "f.tiff")
     assert abs(int(np.asarray(read_image(tmp_path / "f.tiff"))[0, 0, 0]) - 128) <= 1  # [0, 1] floats, not /255
+
+
+def test_out_of_memory_advice_names_the_least_budget(tiny_snapshot, tmp_path):
+    """Out of GPU memory: the one line names the --vram the planner would run this edit in."""
+    from engine.pipeline import edit_job
+    from engine.planner import gib_up, smallest_budget
+    root = str(tiny_snapshot[0])
+    args = cli.build_parser().parse_args(["edit", "--model", root, "--image", "in.png", "--prompt", "x",
+                                          "--out", str(tmp_path / "o.png"), "--width", "64", "--height", "48"])
+    assert "--vram SIZE" in cli._oom_advice(args)             # the job was never sized: generic advice
+    args.job_shape = ((80, 60), 2, False)
+    job, sizes = edit_job(root, (80, 60), 64, 48, 2, False, cli._dtype(args), steps=args.steps)
+    least = gib_up(smallest_budget(job, sizes, "stream")).replace(" ", "")
+    advice = cli._oom_advice(args)
+    assert f"--vram {least}" in advice and "--offload auto" in advice and "\n" not in advice
+    args.vram = "8GiB"                                           # a plan was in force and fell short
+    assert "a lower --vram" in cli._oom_advice(args) and f"--vram {least} --offload stream" in cli._oom_advice(args)
+    assert job.width == 64 and job.height == 48 and job.batch == 2
