@@ -313,8 +313,21 @@ def _oom_advice(args):
             f"can run in is --vram {least.replace(' ', '')}")
 
 
+def _remember_kernel_choices():
+    """Same inputs, same GPU -> same bits across runs: the kernels' autotuned picks are kept in the cache."""
+    folder = _cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return
+    from engine import ops
+    ops.remember_kernel_choices(folder)
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.fn in (cmd_edit, cmd_encode, cmd_batch, cmd_demo):
+        _remember_kernel_choices()
     from engine.processor import PromptError
     from loaders import LoadError
     try:

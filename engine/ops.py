@@ -31,6 +31,14 @@ def attention(q, k, v, kv_len=None, causal=False, scale=None):
     return _attention.attention_ref(q, k, v, kv_len=kv_len, causal=causal, scale=scale)
 
 
+def remember_kernel_choices(folder):
+    """Keep the kernels' autotuned choices in `folder` and reuse them in later processes: the same inputs
+    then give the same bits in every run on this machine (autotuning alone may differ between runs)."""
+    remember = getattr(_attention, "remember_choices", None)
+    if remember is not None:
+        remember(os.path.join(folder, "attention_choices.json"))
+
+
 def norm_modulate(x, shift, scale, split=None, eps=1e-6):
     """LayerNorm(x) * (1 + scale) + shift; x [B, S, C], shift/scale [B, C] or [B, 2, C] split at token `split`."""
     fn = _triton(x, _modulation, "norm_modulate")

@@ -9,6 +9,7 @@ One program owns BLOCK_M query rows of one (batch, head) and streams key/value b
 softmax (FA2). Keys are split in two loops: full blocks without any mask, then the few boundary blocks
 (kv_len, causal diagonal) with masks. Blocks past kv_len[b] are never visited.
 """
+import json
 import math
 import os
 
@@ -222,9 +223,13 @@ if triton is not None:
                 v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
                 H, H // Hk, Sq, Sk, triton.next_power_of_2(max(Sq, Sk)))
         meta = dict(HEAD_D=D, BLOCK_D=BLOCK_D, HAS_KV_LEN=kv_len is not None, CAUSAL=causal, USE_TMA=bool(tma))
+        choice_key = _choice_key(q, args[-1], D, causal, tma)
+        if config is None:
+            config = _CHOICES.get(choice_key)
         if config is None:
             grid = lambda m: (triton.cdiv(Sq, m["BLOCK_M"]), B * H)  # noqa: E731
             _attn_fwd[grid](*args, **meta)
+            _remember(choice_key, getattr(_attn_fwd, "best_config", None))
         else:
             cfg = dict(config)
             if tma:
@@ -232,6 +237,42 @@ if triton is not None:
             grid = (triton.cdiv(Sq, cfg["BLOCK_M"]), B * H)
             _attn_fwd_kernel[grid](*args, **meta, **cfg)
         return o
+
+    # Autotuning times the configs in each process, so two processes may pick different block shapes and
+    # sum the softmax in a different order (last-bit differences). remember_choices(path) keeps every pick
+    # in a JSON file: later processes on the machine reuse it and give the same bits, with no autotuning.
+    _CHOICES, _CHOICES_PATH = {}, [None]
+
+    def _choice_key(q, seq_bucket, D, causal, tma):
+        where = torch.cuda.get_device_name(q.device) if q.is_cuda else "interpreter"
+        return f"{where}|triton {triton.__version__}|S {seq_bucket}|D {D}|causal {int(causal)}|tma {int(bool(tma))}"
+
+    def _remember(key, cfg):
+        if cfg is None:
+            return
+        _CHOICES[key] = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        path = _CHOICES_PATH[0]
+        if path is None:
+            return
+        tmp = f"{path}.tmp{os.getpid()}"
+        try:
+            with open(tmp, "w") as f:
+                json.dump(_CHOICES, f, indent=1, sort_keys=True)
+            os.replace(tmp, path)          # atomic: a concurrent reader sees the old or the new file
+        except OSError:
+            pass                           # a read-only cache folder costs only the reuse
+
+    def remember_choices(path):
+        """Reuse the block shapes picked earlier (stored at `path`), and store new picks there."""
+        _CHOICES_PATH[0] = str(path)
+        try:
+            with open(path) as f:
+                stored = json.load(f)
+        except (OSError, ValueError):
+            return
+        for key, cfg in stored.items():
+            if isinstance(cfg, dict) and {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"} <= set(cfg):
+                _CHOICES.setdefault(key, {k: int(cfg[k]) for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")})
 
     def attention(q, k, v, kv_len=None, causal=False, scale=None):
         """q [B, Sq, H, D]; k, v [B, Sk, Hk, D] (strided views fine, D unit-stride); kv_len int32 [B] >= 1

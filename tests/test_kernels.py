@@ -254,3 +254,33 @@ def test_gpu_rms_norm_rope():
     w = w.bfloat16()
     _poison(x.shape, torch.bfloat16)
     _rel_l2(R.rms_norm_rope(x, w, cos, sin), R.rms_norm_rope_ref(x, w, cos, sin), "rope")
+
+
+def test_attention_remembers_its_block_shapes(tmp_path, monkeypatch):
+    """The block shape autotuning picks is stored and reused by a later process (same bits, no retuning)."""
+    import json
+    monkeypatch.setattr(A, "_CHOICES", {})
+    monkeypatch.setattr(A, "_CHOICES_PATH", [None])
+    path = tmp_path / "choices.json"
+    A.remember_choices(path)                     # no file yet: nothing to reuse
+    q, k, v, qr, kr, vr = _qkv(1, 37, 37, 2, 2, 32, torch.float32)
+    first = A.attention(q, k, v)
+    stored = json.loads(path.read_text())
+    assert len(stored) == 1
+    (key, cfg), = stored.items()
+    assert "|S 64|D 32|causal 0|" in key and set(cfg) == {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}
+    # a "new process": empty memory, the file read back, the autotuner never consulted
+    monkeypatch.setattr(A, "_CHOICES", {})
+    A.remember_choices(path)
+    assert A._CHOICES == {key: cfg}
+
+    class NoTuning:
+        def __getitem__(self, grid):
+            raise AssertionError("autotuned although a stored choice exists")
+
+    monkeypatch.setattr(A, "_attn_fwd", NoTuning())
+    assert torch.equal(A.attention(q, k, v), first)
+    path.write_text("{not json")                 # a damaged file is ignored, not fatal
+    monkeypatch.setattr(A, "_CHOICES", {})
+    A.remember_choices(path)
+    assert A._CHOICES == {}
