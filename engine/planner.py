@@ -15,19 +15,20 @@ Margin: need = 1.05 x peak + 1056 MiB <= budget. The fixed part is what the proc
 allocator: the CUDA context, cuBLAS/cuDNN handles and loaded kernels (measured on an H100 with torch 2.11:
 0.62 GiB after the text encoder, 0.75 GiB once the MMDiT and VAE kernels have run; 800 MiB kept), plus the
 256 MiB L2-flush buffer Triton's autotuner allocates while it times the attention configs (first call of a
-shape). 5% covers the caching allocator's rounding. Fragmentation is kept out by expandable segments
+sequence-length class, unless the CLI's stored picks from an earlier run are reused). 5% covers the caching allocator's rounding. Fragmentation is kept out by expandable segments
 (cli.py sets them).
 
 Host memory per mode (bf16, full-size Qwen-Image-Edit; each streamed block pinned once, exact size):
   mode                          pinned (page-locked)               pageable
-  MMDiT resident                0                                  0 after the move (load: one state dict)
-  MMDiT streaming, r resident   (60 - r) x 453 MB = 27.2 GB at r=0  mod weights 13.6 GB until dropped
+  MMDiT resident                0                                  mod weights 13.6 GB (load: one state dict)
+  MMDiT streaming, r resident   (60 - r) x 453 MB = 27.2 GB at r=0  mod weights 13.6 GB
   text encoder resident         0                                  0 after the move
   text encoder streaming        (28 - r) x 466 MB = 13.0 GB at r=0  -
                                 + streamed vision blocks x 39 MB (1.26 GB all)
   text encoder, any plan        -                                  embed_tokens 1.09 GB (looked up there)
 The text encoder's pinned buffers are released (handle.remove()) before the MMDiT's are made, so the peak
-is max(text, MMDiT), not their sum; loading adds one block's worth while the buffers are filled.
+is max(text, MMDiT), not their sum; loading adds one block's worth while the buffers are filled. The
+modulation weights visit the GPU once per edit, a block's pair at a time, for the precomputed table.
 """
 import math
 import re
@@ -38,6 +39,7 @@ import torch
 from loaders import LoadError
 
 from .memory import CFG_SPLITS, GiB, MiB, decode_peak, denoise_peak, encode_peak, text_peak
+
 MARGIN_FRACTION, MARGIN_FIXED = 0.05, 1056 * MiB
 VAE_TILES = (None, 256, 192, 128, 96, 64, 48, 32, 16)  # latent px, preferred first
 PREFERRED_MIN_TILE = 64     # smaller tiles recompute a 13 px halo many times; used only when nothing else fits
