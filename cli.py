@@ -60,8 +60,18 @@ def _dtype(args):
     return args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
 
 
-def _plan(model_dir, image, args, text_encoder, cfg_batch):
+def _text_sizes(model_dir, image, args, tensors, cfg_batch):
+    """(MMDiT text tokens, VL image tokens) of this edit: from the embeddings file, or from tokenizing the
+    prompts (no model); the planner sizes the text stage and the MMDiT's text rows with them."""
+    if tensors is not None:
+        return max(t.shape[1] for k, t in tensors.items() if k in ("prompt_embeds", "negative_prompt_embeds")), None
+    from engine.pipeline import prompt_lengths
+    return prompt_lengths(model_dir, image, [args.prompt] + ([args.negative_prompt] if cfg_batch > 1 else []))
+
+
+def _plan(model_dir, image, args, text_encoder, cfg_batch, tensors=None):
     """The VRAM plan when --vram or --offload is given (CUDA only), else None: everything on the device."""
+    args.job = (model_dir, image, cfg_batch, text_encoder, tensors)   # for the out-of-memory advice
     if getattr(args, "vram", None) is None and getattr(args, "offload", None) is None:
         return None
     from engine.pipeline import make_plan
@@ -73,8 +83,10 @@ def _plan(model_dir, image, args, text_encoder, cfg_batch):
     if budget > available:
         raise _input_error(f"--vram {args.vram} is more than this GPU has free ({available / 2 ** 30:.2f} GiB); "
                            "give at most that, or close what else uses the GPU")
+    text_len, vl_tokens = _text_sizes(model_dir, image, args, tensors, cfg_batch)
     p = make_plan(model_dir, image.size, getattr(args, "width", None), getattr(args, "height", None), cfg_batch,
-                  text_encoder, budget, args.offload or "auto", _dtype(args), steps=args.steps)
+                  text_encoder, budget, args.offload or "auto", _dtype(args), steps=args.steps, text_len=text_len,
+                  vl_tokens=vl_tokens)
     print(p.summary(), file=sys.stderr)
     return p
 
@@ -197,8 +209,7 @@ def cmd_edit(args):
     image = read_image(args.image)
     tensors = _read_embeds(args.prompt_embeds) if args.prompt_embeds else None
     cfg_batch = 2 if args.cfg > 1 and (tensors is None or "negative_prompt_embeds" in tensors) else 1
-    args.job_shape = (image.size, cfg_batch, tensors is None)   # for the out-of-memory advice
-    plan = _plan(args.model, image, args, text_encoder=tensors is None, cfg_batch=cfg_batch)
+    plan = _plan(args.model, image, args, text_encoder=tensors is None, cfg_batch=cfg_batch, tensors=tensors)
     if tensors is None:
         tensors = _encode(args.model, image, args, plan)
     _run_edit(args.model, image, tensors, args, plan)
@@ -226,8 +237,9 @@ def cmd_demo(args):
           f"({time.perf_counter() - t0:.2f}s)")
     _check_run(args)
     image = sample_image()
-    plan = _plan(root, image, args, text_encoder=False, cfg_batch=2 if args.cfg > 1 else 1)
-    _run_edit(root, image, _read_embeds(root / "demo_prompt.safetensors"), args, plan)
+    tensors = _read_embeds(root / "demo_prompt.safetensors")
+    plan = _plan(root, image, args, text_encoder=False, cfg_batch=2 if args.cfg > 1 else 1, tensors=tensors)
+    _run_edit(root, image, tensors, args, plan)
 
 
 def cmd_inspect(args):
@@ -300,9 +312,10 @@ def _oom_advice(args):
     try:
         from engine.pipeline import edit_job
         from engine.planner import gib_up, smallest_budget
-        size, cfg_batch, text_encoder = args.job_shape
-        job, sizes = edit_job(args.model, size, args.width, args.height, cfg_batch, text_encoder, _dtype(args),
-                              steps=args.steps)
+        model_dir, image, cfg_batch, text_encoder, tensors = args.job
+        text_len, vl_tokens = _text_sizes(model_dir, image, args, tensors, cfg_batch)
+        job, sizes = edit_job(model_dir, image.size, args.width, args.height, cfg_batch, text_encoder, _dtype(args),
+                              steps=args.steps, text_len=text_len, vl_tokens=vl_tokens)
         least = gib_up(smallest_budget(job, sizes, "stream"))
     except Exception:
         return generic

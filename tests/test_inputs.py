@@ -215,11 +215,13 @@ def test_out_of_memory_advice_names_the_least_budget(tiny_snapshot, tmp_path):
     args = cli.build_parser().parse_args(["edit", "--model", root, "--image", "in.png", "--prompt", "x",
                                           "--out", str(tmp_path / "o.png"), "--width", "64", "--height", "48"])
     assert "--vram SIZE" in cli._oom_advice(args)             # the job was never sized: generic advice
-    args.job_shape = ((80, 60), 2, False)
-    job, sizes = edit_job(root, (80, 60), 64, 48, 2, False, cli._dtype(args), steps=args.steps)
+    dim = tiny_snapshot[1].config.joint_attention_dim
+    tensors = {"prompt_embeds": torch.zeros(1, 9, dim), "negative_prompt_embeds": torch.zeros(1, 5, dim)}
+    args.job = (root, Image.new("RGB", (80, 60)), 2, False, tensors)
+    job, sizes = edit_job(root, (80, 60), 64, 48, 2, False, cli._dtype(args), steps=args.steps, text_len=9)
     least = gib_up(smallest_budget(job, sizes, "stream")).replace(" ", "")
     advice = cli._oom_advice(args)
     assert f"--vram {least}" in advice and "--offload auto" in advice and "\n" not in advice
     args.vram = "8GiB"                                           # a plan was in force and fell short
     assert "a lower --vram" in cli._oom_advice(args) and f"--vram {least} --offload stream" in cli._oom_advice(args)
-    assert job.width == 64 and job.height == 48 and job.batch == 2
+    assert job.width == 64 and job.height == 48 and job.batch == 2 and job.text_len == 9

@@ -123,3 +123,17 @@ def test_cli_batch_equals_single_edits(text_snapshot, tmp_path, monkeypatch, cap
     assert not (tmp_path / "c.png").exists()
     assert cli.main(["batch", str(tmp_path / "jobs.jsonl"), *common]) == 2  # outputs exist, no --force
     assert "exists; pass --force" in capsys.readouterr().err
+
+
+def test_planner_sizes_the_text_from_the_prompt(text_snapshot):
+    """The plan's text sizes come from tokenizing (no model): the same length encode_text produces."""
+    from engine.pipeline import make_plan, prompt_lengths
+    image = random_image(120, 90, seed=3)
+    prompts = ["put a red hat on the cat 🎩, keep the rest", " "]
+    text_len, vl_tokens = prompt_lengths(text_snapshot, image, prompts, area=SMALL_AREA)
+    rows = encode_text(text_snapshot, image, prompts, area=SMALL_AREA)
+    assert text_len == max(r[0].shape[1] for r in rows) and vl_tokens > 0
+    args = (text_snapshot, image.size, None, None, 2, True, 4 * 2 ** 30, "stream", "float32")
+    exact = make_plan(*args, area=SMALL_AREA, text_len=text_len, vl_tokens=vl_tokens)
+    bound = make_plan(*args, area=SMALL_AREA)       # the worst-case prompt length
+    assert exact.peaks["text"] < bound.peaks["text"] and exact.peaks["denoise"] < bound.peaks["denoise"]
