@@ -61,12 +61,9 @@ def _dtype(args):
 
 
 def _text_sizes(model_dir, image, args, tensors, cfg_batch):
-    """(MMDiT text tokens, VL image tokens) of this edit: from the embeddings file, or from tokenizing the
-    prompts (no model); the planner sizes the text stage and the MMDiT's text rows with them."""
-    if tensors is not None:
-        return max(t.shape[1] for k, t in tensors.items() if k in ("prompt_embeds", "negative_prompt_embeds")), None
-    from engine.pipeline import prompt_lengths
-    return prompt_lengths(model_dir, image, [args.prompt] + ([args.negative_prompt] if cfg_batch > 1 else []))
+    from engine.budget import text_sizes
+    embeds = [t for k, t in (tensors or {}).items() if k in ("prompt_embeds", "negative_prompt_embeds")]
+    return text_sizes(model_dir, image, [args.prompt] + ([args.negative_prompt] if cfg_batch > 1 else []), embeds)
 
 
 def _plan(model_dir, image, args, text_encoder, cfg_batch, tensors=None):
@@ -74,15 +71,10 @@ def _plan(model_dir, image, args, text_encoder, cfg_batch, tensors=None):
     args.job = (model_dir, image, cfg_batch, text_encoder, tensors)   # for the out-of-memory advice
     if getattr(args, "vram", None) is None and getattr(args, "offload", None) is None:
         return None
-    from engine.pipeline import make_plan
-    from engine.planner import default_budget, parse_size
+    from engine.budget import make_plan, resolve_budget
     if args.device != "cuda":
         raise _input_error("--vram/--offload plan GPU memory; use them with --device cuda")
-    available = default_budget("cuda")
-    budget = parse_size(args.vram) if args.vram else available
-    if budget > available:
-        raise _input_error(f"--vram {args.vram} is more than this GPU has free ({available / 2 ** 30:.2f} GiB); "
-                           "give at most that, or close what else uses the GPU")
+    budget = resolve_budget(args.vram)
     text_len, vl_tokens = _text_sizes(model_dir, image, args, tensors, cfg_batch)
     p = make_plan(model_dir, image.size, getattr(args, "width", None), getattr(args, "height", None), cfg_batch,
                   text_encoder, budget, args.offload or "auto", _dtype(args), steps=args.steps, text_len=text_len,
@@ -118,7 +110,7 @@ def _run_edit(model_dir, image, tensors, args, plan=None):
     from engine.pipeline import load_models
     models = load_models(model_dir, device=args.device, dtype=_dtype(args), plan=plan)
     _edit_one(models, image, tensors, args, args.out, args.force)
-    _print_memory(models)
+    print(models.memory_summary())
 
 
 def _edit_one(models, image, tensors, job, out_path, force):
@@ -149,21 +141,6 @@ def _edit_one(models, image, tensors, job, out_path, force):
     print(f"wrote {out_path} ({out.width}x{out.height}); {line}")
 
 
-def _print_memory(models):
-    """Peak host RAM; on CUDA the peak VRAM (allocated, reserved) over the run and per stage of the edit
-    ("before": text encoding and loading)."""
-    import resource
-    gib = 2 ** 30
-    mem = f"peak host RAM {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / gib:.2f} GiB"
-    if models.peaks:
-        alloc = max(a for a, _ in models.peaks.values())
-        reserved = max(r for _, r in models.peaks.values())
-        stages = ", ".join(f"{k} {a / gib:.2f}" for k, (a, _) in models.peaks.items())
-        mem += (f", peak VRAM allocated {alloc / gib:.2f} GiB, reserved {reserved / gib:.2f} GiB "
-                f"(allocated per stage, GiB: {stages})")
-    print(mem)
-
-
 def cmd_batch(args):
     """Every line checked and every image read first; then one text-encoder load for all prompts, one
     transformer load for all edits."""
@@ -192,7 +169,7 @@ def cmd_batch(args):
     models = load_models(args.model, device=args.device, dtype=_dtype(args))
     for j, image, t in zip(jobs, images, tensors):
         _edit_one(models, image, t, j, j.out, args.force)
-    _print_memory(models)
+    print(models.memory_summary())
 
 
 def _check_run(args):
@@ -310,13 +287,11 @@ def _oom_advice(args):
     (the generic advice when the job cannot be sized)."""
     generic = "give a budget with --vram SIZE (weights then stream from host RAM), or a smaller --width/--height"
     try:
-        from engine.pipeline import edit_job
-        from engine.planner import gib_up, smallest_budget
+        from engine.budget import least_budget
+        from engine.planner import gib_up
         model_dir, image, cfg_batch, text_encoder, tensors = args.job
-        text_len, vl_tokens = _text_sizes(model_dir, image, args, tensors, cfg_batch)
-        job, sizes = edit_job(model_dir, image.size, args.width, args.height, cfg_batch, text_encoder, _dtype(args),
-                              steps=args.steps, text_len=text_len, vl_tokens=vl_tokens)
-        least = gib_up(smallest_budget(job, sizes, "stream"))
+        least = gib_up(least_budget(model_dir, image.size, args.width, args.height, cfg_batch, text_encoder,
+                                    _dtype(args), args.steps, *_text_sizes(model_dir, image, args, tensors, cfg_batch)))
     except Exception:
         return generic
     if getattr(args, "vram", None) or getattr(args, "offload", None):

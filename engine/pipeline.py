@@ -30,41 +30,17 @@ class EditModels:
     timings: dict = field(default_factory=dict)
     peaks: dict = field(default_factory=dict)   # stage -> (VRAM allocated, reserved) at its peak; CUDA only
 
-
-def edit_job(model_dir, image_size, width, height, cfg_batch, text_encoder, dtype, area=1024 * 1024, steps=50,
-             text_len=None, vl_tokens=None):
-    """(engine.memory.Job, ModelSizes) of one edit of an image of image_size with the snapshot's configs.
-    text_len / vl_tokens: the MMDiT text tokens and VL image tokens when known (prompt_lengths), else the
-    Job's upper bounds."""
-    from .config import MMDiTConfig, VAEConfig
-    from .memory import Job, model_sizes_from_configs
-    from .text_encoder import read_config
-    snap = Snapshot(model_dir)
-    cw, ch = condition_size(*image_size, area)
-    text_cfg = read_config(snap.config("text_encoder")) if text_encoder else None
-    sizes = model_sizes_from_configs(MMDiTConfig.from_dict(snap.config("transformer")), text_cfg,
-                                     VAEConfig.from_dict(snap.config("vae")), torch_dtype(dtype).itemsize)
-    return Job(width or cw, height or ch, cw, ch, batch=cfg_batch, steps=steps, text_encoder=text_encoder,
-               text_len=text_len, vl_tokens=vl_tokens), sizes
-
-
-def prompt_lengths(model_dir, image, prompts, area=1024 * 1024, resize="pil"):
-    """(MMDiT text tokens of the longest prompt, VL image tokens) that encode_text will produce, from the
-    tokenizer and the image preprocessing alone (no model loaded): the planner's exact text sizes."""
-    from .processor import TEMPLATE_DROP, load_processor
-    processor = load_processor(Snapshot(model_dir), resize=resize)
-    inputs = processor(list(prompts), image.resize(condition_size(*image.size, area), resample=Image.LANCZOS))
-    n_image = int(inputs["image_grid_thw"].prod()) // processor.image_cfg.merge_size ** 2
-    return int(inputs["attention_mask"].sum(1).max()) - TEMPLATE_DROP, n_image
-
-
-def make_plan(model_dir, image_size, width, height, cfg_batch, text_encoder, budget, mode, dtype, area=1024 * 1024,
-              steps=50, text_len=None, vl_tokens=None):
-    """The VRAM plan (engine.planner) for one edit of an image of image_size under `budget` bytes."""
-    from .planner import plan
-    job, sizes = edit_job(model_dir, image_size, width, height, cfg_batch, text_encoder, dtype, area, steps,
-                          text_len, vl_tokens)
-    return plan(budget, job, sizes, mode)
+    def memory_summary(self):
+        """Peak host RAM; on CUDA the peak VRAM (allocated, reserved) over the run and allocated per stage
+        ("before": text encoding and loading)."""
+        import resource
+        gib = 2 ** 30
+        line = f"peak host RAM {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / gib:.2f} GiB"
+        if self.peaks:
+            stages = ", ".join(f"{k} {a / gib:.2f}" for k, (a, _) in self.peaks.items())
+            line += (f", peak VRAM allocated {max(a for a, _ in self.peaks.values()) / gib:.2f} GiB, reserved "
+                     f"{max(r for _, r in self.peaks.values()) / gib:.2f} GiB (allocated per stage, GiB: {stages})")
+        return line
 
 
 def load_models(model_dir, device="cpu", dtype="float32", plan=None):

@@ -209,7 +209,7 @@ def test_large_and_float_images(tmp_path, monkeypatch):
 
 def test_out_of_memory_advice_names_the_least_budget(tiny_snapshot, tmp_path):
     """Out of GPU memory: the one line names the --vram the planner would run this edit in."""
-    from engine.pipeline import edit_job
+    from engine.budget import edit_job
     from engine.planner import gib_up, smallest_budget
     root = str(tiny_snapshot[0])
     args = cli.build_parser().parse_args(["edit", "--model", root, "--image", "in.png", "--prompt", "x",

@@ -127,7 +127,7 @@ def test_cli_batch_equals_single_edits(text_snapshot, tmp_path, monkeypatch, cap
 
 def test_planner_sizes_the_text_from_the_prompt(text_snapshot):
     """The plan's text sizes come from tokenizing (no model): the same length encode_text produces."""
-    from engine.pipeline import make_plan, prompt_lengths
+    from engine.budget import make_plan, prompt_lengths
     image = random_image(120, 90, seed=3)
     prompts = ["put a red hat on the cat 🎩, keep the rest", " "]
     text_len, vl_tokens = prompt_lengths(text_snapshot, image, prompts, area=SMALL_AREA)
