@@ -17,6 +17,7 @@ from .config import RunOptions, SchedulerConfig
 from .mmdit import MMDiT, load_mmdit, mask_to_lengths
 from .offload import modulation_table_streamed, move_except, move_except_modulation, stream_blocks
 from .vae import QwenImageVAE, load_vae
+from .vae import to_device as vae_to_device
 
 @dataclass
 class EditModels:
@@ -73,7 +74,7 @@ def place_models(transformer, vae, scheduler_cfg, device, dtype, plan=None):
             raise
     else:
         move_except_modulation(transformer, device)
-    return EditModels(transformer, vae.to(device), scheduler_cfg, device, dtype, plan, stream)
+    return EditModels(transformer, vae_to_device(vae, device), scheduler_cfg, device, dtype, plan, stream)
 
 
 def encode_text(model_dir, image, prompts, device="cpu", dtype="float32", area=1024 * 1024, resize="pil",

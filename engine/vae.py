@@ -301,7 +301,12 @@ def load_vae(snapshot, dtype=torch.float32, device="cpu"):
     with torch.device("meta"):
         vae = QwenImageVAE(cfg)
     assign(vae, state, "vae")
+    return to_device(vae, device).eval()
+
+
+def to_device(vae, device):
+    """Move the VAE; on CUDA its conv weights go channels-last like its activations (no per-call copies)."""
     vae = vae.to(device)
     if torch.device(device).type == "cuda":
         vae = vae.to(memory_format=torch.channels_last)
-    return vae.eval()
+    return vae
