@@ -67,9 +67,9 @@ class AttnBlock(nn.Module):
 
 def _attention(q, k, v):
     """SDPA held to the memory-efficient kernel on CUDA: left to choose, SDPA took a path that held the
-    [HW, HW] float32 scores for an image from the pipeline (1 GiB at 1024^2 on an H100; 144 GiB at
-    4096x3072). If the kernel refuses the views (strides), it gets contiguous copies; only then SDPA's own
-    choice."""
+    [HW, HW] float32 scores for an image from the pipeline (1 GiB at 1024^2 on an H100; it would need
+    144 GiB at 4096x3072). If the kernel refuses the views (strides), it gets contiguous copies; only then
+    SDPA's own choice, with a warning."""
     if not q.is_cuda:
         return F.scaled_dot_product_attention(q, k, v)
     with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
