@@ -9,6 +9,7 @@ One program owns BLOCK_M query rows of one (batch, head) and streams key/value b
 softmax (FA2). Keys are split in two loops: full blocks without any mask, then the few boundary blocks
 (kv_len, causal diagonal) with masks. Blocks past kv_len[b] are never visited.
 """
+import functools
 import json
 import math
 import os
@@ -243,8 +244,12 @@ if triton is not None:
     # in a JSON file: later processes on the machine reuse it and give the same bits, with no autotuning.
     _CHOICES, _CHOICES_PATH = {}, [None]
 
+    @functools.lru_cache(maxsize=None)
+    def _device_name(index):
+        return torch.cuda.get_device_name(index)
+
     def _choice_key(q, seq_bucket, D, causal, tma):
-        where = torch.cuda.get_device_name(q.device) if q.is_cuda else "interpreter"
+        where = _device_name(q.device.index) if q.is_cuda else "interpreter"
         return f"{where}|triton {triton.__version__}|S {seq_bucket}|D {D}|causal {int(causal)}|tma {int(bool(tma))}"
 
     def _remember(key, cfg):
