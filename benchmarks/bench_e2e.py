@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from benchmarks.common import ceilings, env_info, time_ms, write_json
+from benchmarks.common import ceilings, diffusers_transformer, env_info, time_ms, write_json
 from engine.config import MMDiTConfig
 from engine.mmdit import MMDiT, modulation_table
 from loaders import assign
@@ -24,25 +24,8 @@ CASES = {  # name: (batch, noisy latent grid, condition grid, text lengths per r
 
 
 def build_reference(seed=0):
-    """diffusers' model with random bf16 weights made directly on the GPU (no 81 GB fp32 detour)."""
-    from diffusers import QwenImageTransformer2DModel
-    from diffusers.models.transformers.transformer_qwenimage import QwenEmbedRope
-    kw = dict(num_layers=FULL.num_layers, attention_head_dim=128, num_attention_heads=24)
-    with torch.device("meta"):
-        ref = QwenImageTransformer2DModel(**kw)
-    ref.pos_embed = QwenEmbedRope(theta=10000, axes_dim=[16, 56, 56], scale_rope=True)  # its tables, on the CPU
-    g = torch.Generator("cuda").manual_seed(seed)
-    for mname, mod in ref.named_modules():
-        for pname, p in list(mod._parameters.items()):
-            if p is None:
-                continue
-            t = torch.empty(p.shape, dtype=torch.bfloat16, device="cuda")
-            if "norm" in mname and p.dim() == 1:
-                t.normal_(1.0, 0.1, generator=g)
-            else:
-                t.normal_(0.0, 0.02, generator=g)
-            mod._parameters[pname] = torch.nn.Parameter(t, requires_grad=False)
-    return ref.eval()
+    """diffusers' model with random bf16 weights made directly on the GPU."""
+    return diffusers_transformer(FULL.num_layers, seed, dest="cuda")
 
 
 def ours_sharing(ref):

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.common import env_info, time_ms, write_json
+from benchmarks.common import diffusers_transformer, env_info, random_state, time_ms, write_json
 from engine.config import MMDiTConfig, RunOptions, SchedulerConfig, VAEConfig
 from engine.mmdit import MMDiT
 from engine.memory import GiB, Job, activation_bytes, model_sizes_from_configs
@@ -43,24 +43,6 @@ SCHEDULER = dict(base_image_seq_len=256, base_shift=0.5, invert_sigmas=False, ma
                  use_exponential_sigmas=False, use_karras_sigmas=False)   # Qwen-Image-Edit's scheduler_config
 JOBS = {"1024": (1024, 1024, 3), "4k": (4096, 3072, 2)}   # output width, height, steps (1 MP condition image)
 PROMPT, NEGATIVE = "put a red hat on the cat and make the background a snowy street", " "
-
-
-def random_state(module, seed, device="cuda", dest="cpu", pin=False):
-    """Random bf16 tensors for every parameter of a meta-built module, made on `device` (fast) and moved
-    to `dest`: N(0, 0.02), 1-d norm weights N(1, 0.1). pin: page-locked host copies (torch's allocator)."""
-    g = torch.Generator(device).manual_seed(seed)
-    state = {}
-    for name, p in module.named_parameters():
-        t = torch.empty(p.shape, dtype=torch.bfloat16, device=device)
-        if p.dim() == 1 and "norm" in name:
-            t.normal_(1.0, 0.1, generator=g)
-        else:
-            t.normal_(0.0, 0.02, generator=g)
-        if pin:
-            state[name] = torch.empty(p.shape, dtype=t.dtype, pin_memory=True).copy_(t)
-        else:
-            state[name] = t.to(dest)
-    return state
 
 
 def build_ours(cfgs, seed=0, device="cuda"):
@@ -265,17 +247,6 @@ def print_ours(payload):
 
 # ---- diffusers ---------------------------------------------------------------------------------------
 
-def build_diffusers_transformer(seed=0):
-    from diffusers import QwenImageTransformer2DModel
-    from diffusers.models.transformers.transformer_qwenimage import QwenEmbedRope
-    with torch.device("meta"):
-        ref = QwenImageTransformer2DModel(num_layers=60, attention_head_dim=128, num_attention_heads=24)
-    ref.pos_embed = QwenEmbedRope(theta=10000, axes_dim=[16, 56, 56], scale_rope=True)
-    # pinned already: the group offloader's pin_memory() then keeps these instead of making a second copy
-    ref.load_state_dict(random_state(ref, seed, pin=True), strict=False, assign=True)
-    return ref.eval()
-
-
 def diffusers_forward(ref, batch, grid, lens, seed=1):
     (h, w), (hc, wc) = grid, (64, 64)
     g = torch.Generator("cuda").manual_seed(seed)
@@ -314,7 +285,8 @@ def main_diffusers(args):
     torch.cuda.empty_cache()
     write_json(args.out, payload)
     t0 = time.perf_counter()
-    ref = build_diffusers_transformer()
+    # pinned already: the group offloader's pin_memory() then keeps these instead of making a second copy
+    ref = diffusers_transformer(pin=True)
     apply_group_offloading(ref, onload_device=torch.device("cuda"), offload_device=torch.device("cpu"),
                            offload_type="block_level", num_blocks_per_group=1, use_stream=True)
     payload["setup_s"] = time.perf_counter() - t0

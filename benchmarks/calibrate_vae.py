@@ -12,8 +12,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import torch  # noqa: E402
 
-from benchmarks.bench_offload import random_state  # noqa: E402
-from benchmarks.common import env_info, write_json  # noqa: E402
+from benchmarks.common import env_info, random_state, write_json  # noqa: E402
 from engine.config import VAEConfig  # noqa: E402
 from engine.memory import activation_bytes  # noqa: E402
 from engine.vae import QwenImageVAE  # noqa: E402

@@ -45,3 +45,33 @@ def ceilings():
 def write_json(path, payload):
     with open(path, "w") as f:
         json.dump(payload, f, indent=2)
+
+
+def random_state(module, seed, device="cuda", dest="cpu", pin=False):
+    """Random bf16 tensors for every parameter of a meta-built module, made on `device` (fast) and moved
+    to `dest`: N(0, 0.02), 1-d norm weights N(1, 0.1). pin: page-locked host copies (torch's allocator)."""
+    g = torch.Generator(device).manual_seed(seed)
+    state = {}
+    for name, p in module.named_parameters():
+        t = torch.empty(p.shape, dtype=torch.bfloat16, device=device)
+        if p.dim() == 1 and "norm" in name:
+            t.normal_(1.0, 0.1, generator=g)
+        else:
+            t.normal_(0.0, 0.02, generator=g)
+        if pin:
+            state[name] = torch.empty(p.shape, dtype=t.dtype, pin_memory=True).copy_(t)
+        else:
+            state[name] = t.to(dest)
+    return state
+
+
+def diffusers_transformer(num_layers=60, seed=0, dest="cuda", pin=False):
+    """diffusers' QwenImageTransformer2DModel in the real config with random_state weights, built on the
+    meta device and filled directly (no 81 GB float32 detour); its RoPE tables stay on the CPU."""
+    from diffusers import QwenImageTransformer2DModel
+    from diffusers.models.transformers.transformer_qwenimage import QwenEmbedRope
+    with torch.device("meta"):
+        ref = QwenImageTransformer2DModel(num_layers=num_layers, attention_head_dim=128, num_attention_heads=24)
+    ref.pos_embed = QwenEmbedRope(theta=10000, axes_dim=[16, 56, 56], scale_rope=True)
+    ref.load_state_dict(random_state(ref, seed, dest=dest, pin=pin), strict=False, assign=True)
+    return ref.eval()

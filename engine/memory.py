@@ -191,8 +191,10 @@ CFG_SPLITS = ("batched", "rows", "forwards")   # most activation memory first
 
 def denoise_peak(s, job, r, split="batched"):
     # while the table is built, one block's modulation weights visit instead of the activations
-    act = {"batched": lambda: mmdit_activations(s, job), "rows": lambda: mmdit_activations(s, job, rows=1),
-           "forwards": lambda: mmdit_activations(s, dataclasses.replace(job, batch=1))}[split]()
+    if split == "forwards":
+        act = mmdit_activations(s, dataclasses.replace(job, batch=1))
+    else:
+        act = mmdit_activations(s, job, rows=1 if split == "rows" else None)
     return weights_on_gpu(s, r) + table_bytes(s, job) + max(act, s.mod_bytes)
 
 
@@ -203,9 +205,9 @@ def activation_bytes(cfg, h, w, tile=None, dtype=torch.bfloat16, batch=1, encode
     widest = channels x area-scale of the largest tiled-path tensor per latent px (Qwen-Image: decoder
     192 ch nearest-upsampled to 8x = 12288, encoder 96 ch at 8x = 6144); th x tw = the largest tile
     with its halo; C = mid-block width (384); 3 * 64 * h * w = the image. k = 3.5 (decoder) / 6 (encoder)
-    and 8 (qkv + attention output + norms) were measured in bf16 (H200, then H100: benchmarks/calibrate_vae.py), where the RMS norm's
-    float32 upcast dominates: the formula gave 1.33 / 15.96 / 1.19 GiB for 1024^2 untiled / 4096x3072
-    untiled / 4096x3072 tile 64 decode, measured 1.33 / 15.94 / 1.13 GiB."""
+    and 8 (qkv + attention output + norms) were measured in bf16 (H200, then H100: calibrate_vae.py),
+    where the RMS norm's float32 upcast dominates: the formula gave 1.33 / 15.96 / 1.19 GiB for 1024^2
+    untiled / 4096x3072 untiled / 4096x3072 tile 64 decode, measured 1.33 / 15.94 / 1.13 GiB."""
     n = len(cfg.dim_mult)
     if encode:   # block i runs at area scale 4^(n-1-i); conv_in at full resolution; mid block last
         dims = _encoder_dims(cfg)

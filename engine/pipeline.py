@@ -16,8 +16,7 @@ from . import scheduler as sched
 from .config import RunOptions, SchedulerConfig
 from .mmdit import MMDiT, load_mmdit, mask_to_lengths
 from .offload import modulation_table_streamed, move_except, move_except_modulation, stream_blocks
-from .vae import QwenImageVAE, load_vae
-from .vae import to_device as vae_to_device
+from .vae import QwenImageVAE, load_vae, to_device as vae_to_device
 
 @dataclass
 class EditModels:
@@ -251,10 +250,10 @@ def edit(models: EditModels, image, prompt_embeds, prompt_mask=None, negative_em
         t1 = time.perf_counter()
         t_model = [(ts.to(dt) / 1000).to(dev) for ts in timesteps]  # the reference's timestep / 1000
         mods = modulation_table_streamed(mm, t_model, dev)  # every step's, before the loop
+        split = plan.cfg_split if plan is not None else "batched"
         for i in range(len(timesteps)):
             t = t_model[i].expand(B)
             x = torch.cat([latents.expand(B, -1, -1), cond_tokens], dim=1)
-            split = plan.cfg_split if plan is not None else "batched"
             if split == "forwards":
                 v = torch.cat([mm(x[j:j + 1], txt[j:j + 1], txt_len[j:j + 1], t[j:j + 1], img_shapes, rope=rope,
                                   mods=mods[i]) for j in range(B)])[:, : latents.shape[1]]

@@ -15,8 +15,8 @@ Margin: need = 1.05 x peak + 1056 MiB <= budget. The fixed part is what the proc
 allocator: the CUDA context, cuBLAS/cuDNN handles and loaded kernels (measured on an H100 with torch 2.11:
 0.62 GiB after the text encoder, 0.75 GiB once the MMDiT and VAE kernels have run; 800 MiB kept), plus the
 256 MiB L2-flush buffer Triton's autotuner allocates while it times the attention configs (first call of a
-sequence-length class, unless the CLI's stored picks from an earlier run are reused). 5% covers the caching allocator's rounding. Fragmentation is kept out by expandable segments
-(cli.py sets them).
+sequence-length class, unless the CLI's stored picks from an earlier run are reused). 5% covers the
+caching allocator's rounding. Fragmentation is kept out by expandable segments (cli.py sets them).
 
 Host memory per mode (bf16, full-size Qwen-Image-Edit; each streamed block pinned once, exact size):
   mode                          pinned (page-locked)               pageable
@@ -173,7 +173,6 @@ def plan(budget_bytes, job, model_sizes, mode="auto"):
     s = model_sizes
     cap = (budget_bytes - MARGIN_FIXED) / (1 + MARGIN_FRACTION)
     te = _text_choice(s, job, cap, mode) if job.text_encoder and s.te_layers else (0, 0)
-    mm, split = None, None
     for split in CFG_SPLITS if job.batch > 1 else CFG_SPLITS[:1]:
         mm = _mmdit_choice(s, job, cap, mode, split)
         if mm is not None:
@@ -191,6 +190,7 @@ def plan(budget_bytes, job, model_sizes, mode="auto"):
     if te_layers:
         peaks["text"] = text_peak(s, job, r_te, r_vis)
     streamed = s.blocks - r
+    per_forward = streamed * s.stream_bytes if streamed > 2 else 0   # <= 2 streamed blocks keep their slots
     return Plan(
         budget=budget_bytes, mode=mode, mmdit_resident=r, mmdit_blocks=s.blocks,
         te_resident=min(r_te, te_layers), te_layers=te_layers,
@@ -199,7 +199,7 @@ def plan(budget_bytes, job, model_sizes, mode="auto"):
         host_pinned={"text": (te_layers - min(r_te, te_layers)) * s.te_layer_bytes
                      + (vision_blocks - min(r_vis, vision_blocks)) * s.vision_block_bytes,
                      "mmdit": streamed * s.stream_bytes},
-        streamed_per_step=(streamed * s.stream_bytes if streamed > 2 else 0) * (job.batch if split == "forwards" else 1),
+        streamed_per_step=per_forward * (job.batch if split == "forwards" else 1),
         needs={k: need(v) for k, v in peaks.items()}, cfg_split=split,
         faster_cfg_from={k: smallest_budget(job, s, mode, k) for k in CFG_SPLITS[:CFG_SPLITS.index(split)]})
 
