@@ -3,6 +3,7 @@
 Random bf16 weights in the real config are built on the GPU once and shared by both models (our parameter
 names equal the checkpoint keys), so 41 GB serves both. Run on the device machine:
     python -m benchmarks.bench_e2e --out results.json [--cases 1024_b1,1024_b2,4k_b1] [--compiled 1024_b1,1024_b2]
+        [--profile 1024_b1]
 """
 import argparse
 import os
@@ -58,6 +59,65 @@ def flops(case):
     return total
 
 
+KERNEL_KINDS = (  # (category, substrings of the CUDA kernel name), first match wins
+    ("attention", ("attn_fwd", "flash", "fmha", "cudnn", "attention")),
+    ("gemm", ("gemm", "nvjet", "xmma", "cutlass")),
+    ("norm_modulate_residual", ("_modulation_kernel",)),
+    ("qk_norm_rope", ("_rms_norm_rope_kernel",)),
+)
+
+
+def kernel_breakdown(fn):
+    """GPU time of one fn() call by kernel category (ms), from torch.profiler's CUDA kernel records."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    out, counts = {}, {}
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        name = e.name.lower()
+        kind = next((k for k, keys in KERNEL_KINDS if any(key in name for key in keys)), "other")
+        out[kind] = out.get(kind, 0.0) + e.time_range.elapsed_us() / 1e3
+        counts[kind] = counts.get(kind, 0) + 1
+    return {"ms": out, "launches": counts, "kernel_ms": sum(out.values())}
+
+
+def linear_attention_flops(case):
+    """(linear, attention) FLOPs of the useful rows, as flops() counts them."""
+    B, (h, w), (hc, wc), lens = CASES[case]
+    d, layers, N = FULL.dim, FULL.num_layers, h * w + hc * wc
+    return (sum(layers * 24 * d * d * (N + L) for L in lens), sum(layers * 4 * (N + L) ** 2 * d for L in lens))
+
+
+def profile_case(case, ref, ours, rows):
+    """Where the forward's time goes, ours and diffusers eager: kernel categories, and the wall time not
+    covered by kernels (launch gaps), with the GEMMs' and attention's achieved TFLOP/s."""
+    x, txt, mask, t, shapes, lens = inputs(case)
+    dmask = None if bool(mask.all()) else mask
+    B = x.shape[0]
+    rope = ours.rope(shapes, txt.shape[1], "cuda")
+    mods = modulation_table(ours, t[:1])[0]
+    fns = {"ours": lambda: ours(x, txt, lens, t, shapes, rope=rope, mods=mods),
+           "diffusers": lambda: ref(hidden_states=x, encoder_hidden_states=txt, encoder_hidden_states_mask=dmask,
+                                    timestep=t, img_shapes=[shapes] * B, return_dict=False)[0]}
+    lin, att = linear_attention_flops(case)
+    result = {}
+    with torch.inference_mode():
+        for name, fn in fns.items():
+            os.environ["QIE_OPS"] = "triton"
+            r = kernel_breakdown(fn)
+            r["wall_ms"] = rows[name]["ms"]
+            r["gap_ms"] = r["wall_ms"] - r["kernel_ms"]
+            r["gemm_tflops"] = lin / r["ms"].get("gemm", float("nan")) / 1e9
+            r["attention_tflops"] = att / r["ms"].get("attention", float("nan")) / 1e9
+            result[name] = r
+    return result
+
+
 def run_case(case, ref, ours, compiled=False):
     x, txt, mask, t, shapes, lens = inputs(case)
     B = x.shape[0]
@@ -74,6 +134,8 @@ def run_case(case, ref, ours, compiled=False):
                               ("ours_torch_ops", ours_fn, "torch"), ("ours", ours_fn, "triton")]:
             if compiled and name != "diffusers_compiled":
                 continue
+            if name == "ours_torch_ops" and case.startswith("4k"):
+                continue  # about a minute per call there, and it is the correctness path, not a baseline
             os.environ["QIE_OPS"] = env
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -96,6 +158,7 @@ def main():
     ap.add_argument("--cases", default="1024_b1,1024_b2,4k_b1")
     ap.add_argument("--compiled", default="", help="cases to time again with diffusers' "
                     "compile_repeated_blocks(fullgraph=True), after the eager ones")
+    ap.add_argument("--profile", default="", help="cases to break down by kernel category (eager)")
     args = ap.parse_args()
     payload = {"env": env_info(), "ceilings": ceilings(), "cases": {}}
     ref = build_reference()
@@ -107,6 +170,12 @@ def main():
         payload["cases"][case] = run_case(case, ref, ours)
         write_json(args.out, payload)
         print(case, payload["cases"][case], flush=True)
+    for case in filter(None, args.profile.split(",")):
+        try:
+            payload.setdefault("profile", {})[case] = profile_case(case, ref, ours, payload["cases"][case])
+        except Exception as e:  # the timings above still stand, and the compiled runs below still run
+            print(f"profile {case} failed: {type(e).__name__}: {e}", flush=True)
+        write_json(args.out, payload)
     if args.compiled:
         ref.compile_repeated_blocks(fullgraph=True)
         for case in args.compiled.split(","):
@@ -114,6 +183,11 @@ def main():
             write_json(args.out, payload)
             print(case, payload["cases"][case], flush=True)
     peak = payload["ceilings"]["matmul_tflops"]
+    for case, provs in payload.get("profile", {}).items():
+        for name, r in provs.items():
+            parts = "  ".join(f"{k} {v:.1f}" for k, v in sorted(r["ms"].items()))
+            print(f"{case:8s} {name:10s} wall {r['wall_ms']:.1f} ms = kernels {r['kernel_ms']:.1f} + gaps "
+                  f"{r['gap_ms']:.1f} | {parts} | gemm {r['gemm_tflops']:.0f} attn {r['attention_tflops']:.0f} TFLOP/s")
     print(f"\n{payload['env']['gpu']}  matmul ceiling {peak:.0f} TFLOP/s")
     for case, rows in payload["cases"].items():
         base = rows["diffusers"]

@@ -8,7 +8,8 @@ Every number carries its ceiling: attention TFLOP/s (4*B*H*S*S_valid*D flops) ne
 (torch.mm 8192^3), memory-bound kernels GB/s (bytes each tensor must move once) next to a device-to-device
 copy counting read + write. Times are triton.testing.do_bench medians; a call slower than 0.5 s (SDPA
 mem-efficient at S=53608) is timed 3 times with events instead, to bound the run.
-The memory-bound kernels run at the first and last S (8552, 53608).
+The memory-bound kernels run at the first and last S (8552, 53608). The block's cuBLAS GEMMs are timed
+at their real shapes too, against the same matmul ceiling.
 """
 import argparse
 import datetime
@@ -89,7 +90,7 @@ def bench_attention(seqs, rows):
                     if name == "ours":
                         c = A._attn_fwd.best_config
                         row["config"] = (f"BM{c.kwargs['BLOCK_M']} BN{c.kwargs['BLOCK_N']} w{c.num_warps} "
-                                         f"s{c.num_stages}")
+                                         f"s{c.num_stages}" + (" lazy" if c.kwargs.get("LAZY") else ""))
                 except Exception as e:  # a backend that refuses the inputs, or runs out of memory
                     row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
                 rows.append(row)
@@ -101,9 +102,9 @@ def bench_attention(seqs, rows):
         torch.cuda.empty_cache()
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages, tma)
-SWEEP = [(128, 128, 8, 3, True), (128, 128, 8, 2, True), (128, 64, 8, 3, True), (128, 64, 8, 4, True),
-         (128, 64, 4, 3, True), (64, 64, 4, 3, True), (128, 128, 8, 3, False), (128, 64, 8, 3, False)]
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, tma, lazy rescale)
+SWEEP = [(128, 128, 8, 3, True, 0), (128, 128, 8, 3, True, 1), (128, 128, 8, 2, True, 1), (128, 64, 8, 3, True, 0),
+         (128, 64, 8, 3, True, 1), (128, 64, 8, 4, True, 1), (64, 64, 4, 3, True, 1), (128, 128, 8, 3, False, 1)]
 
 
 def bench_sweep(rows):
@@ -111,8 +112,8 @@ def bench_sweep(rows):
     S = SEQS[0]
     q, k, v = (torch.randn(B, S, H, D, device=DEV, dtype=DTYPE) for _ in range(3))
     flops = 4 * B * H * S * S * D
-    for bm, bn, w, st, tma in SWEEP:
-        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
+    for bm, bn, w, st, tma, lazy in SWEEP:
+        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, LAZY=lazy, num_warps=w, num_stages=st)
         row = {"op": "attention_sweep", "S": S, "tma": tma, **cfg}
         try:
             t = ms(lambda: A._launch(q, k, v, tma=tma, config=cfg))
@@ -192,6 +193,36 @@ def bench_memory_bound(seqs, rows, copy_gbs):
         torch.cuda.empty_cache()
 
 
+# rows M of the block's linears: image tokens at B=1 / B=2 (1024² edit), 4K image tokens, text at B=1 / B=2
+GEMM_ROWS = (8192, 16384, 53248, 360, 720)
+
+
+def bench_gemms(rows):
+    """The MMDiT block's linears on cuBLAS (bias in the epilogue, GELU too for the MLP's first): how far from
+    the 8192³ matmul ceiling each shape runs, and whether one q|k|v GEMM beats three."""
+    def lin(n_in, n_out):
+        return (torch.randn(n_out, n_in, device=DEV, dtype=DTYPE) * 0.02,
+                torch.randn(n_out, device=DEV, dtype=DTYPE) * 0.02)
+    w3, b3 = lin(C, 3 * C)
+    w1, b1 = lin(C, 4 * C)
+    w2, b2 = lin(4 * C, C)
+    wq, bq = w3[:C], b3[:C]
+    for Mr in GEMM_ROWS:
+        x = torch.randn(Mr, C, device=DEV, dtype=DTYPE)
+        h = torch.randn(Mr, 4 * C, device=DEV, dtype=DTYPE)
+        cases = {"q|k|v x3": (3 * C, C, lambda: [F.linear(x, w3[i * C:(i + 1) * C], b3[i * C:(i + 1) * C])
+                                                  for i in range(3)]),
+                 "qkv fused": (3 * C, C, lambda: F.linear(x, w3, b3)),
+                 "out": (C, C, lambda: F.linear(x, wq, bq)),
+                 "mlp_up+gelu": (4 * C, C, lambda: torch._addmm_activation(b1, x, w1.t(), use_gelu=True)),
+                 "mlp_down": (C, 4 * C, lambda: F.linear(h, w2, b2))}
+        for name, (N, K, fn) in cases.items():
+            t = ms(fn)
+            rows.append({"op": "gemm", "name": name, "M": Mr, "N": N, "K": K, "ms": t,
+                         "tflops": 2 * Mr * N * K / t / 1e9})
+        del x, h
+
+
 def table(ceil, rows):
     print(f"\nceilings: bf16 matmul {ceil['matmul_bf16_tflops']:.0f} TFLOP/s, HBM copy {ceil['copy_gbs']:.0f} GB/s")
     for r in rows:
@@ -204,7 +235,10 @@ def table(ceil, rows):
                   f" ({r['tflops'] / ceil['matmul_bf16_tflops']:.0%} of mm){extra}")
         elif r["op"] == "attention_sweep":
             print(f"sweep S={r['S']} tma={r['tma']!s:<5} BM{r['BLOCK_M']} BN{r['BLOCK_N']} w{r['num_warps']} "
-                  f"s{r['num_stages']} {r['ms']:8.3f} ms {r['tflops']:6.0f} TFLOP/s")
+                  f"s{r['num_stages']} lazy={r['LAZY']} {r['ms']:8.3f} ms {r['tflops']:6.0f} TFLOP/s")
+        elif r["op"] == "gemm":
+            print(f"gemm {r['name']:<14} M={r['M']:<6} N={r['N']:<6} K={r['K']:<6} {r['ms']:8.3f} ms "
+                  f"{r['tflops']:6.0f} TFLOP/s ({r['tflops'] / ceil['matmul_bf16_tflops']:.0%} of mm)")
         elif r["op"].endswith("_sweep"):
             print(f"{r['op']:<36} S={r['S']} block={r['block']} w{r['num_warps']:<3} {r['ms'] * 1e3:7.1f} us "
                   f"{r['gbs']:6.0f} GB/s ({r['gbs'] / ceil['copy_gbs']:.0%} of copy)")
@@ -228,7 +262,8 @@ def main():
     ceil = ceilings()
     rows = []
     sections = [lambda: bench_memory_bound(seqs[:1] + seqs[-1:], rows, ceil["copy_gbs"]),
-                lambda: bench_attention(seqs, rows)] + ([lambda: bench_sweep(rows)] if args.sweep else [])
+                lambda: bench_attention(seqs, rows), lambda: bench_gemms(rows)] + (
+                    [lambda: bench_sweep(rows)] if args.sweep else [])
     for section in sections:  # a failing section still leaves the others' rows in the JSON
         try:
             section()
