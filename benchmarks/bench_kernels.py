@@ -90,7 +90,7 @@ def bench_attention(seqs, rows):
                     if name == "ours":
                         c = A._attn_fwd.best_config
                         row["config"] = (f"BM{c.kwargs['BLOCK_M']} BN{c.kwargs['BLOCK_N']} w{c.num_warps} "
-                                         f"s{c.num_stages}" + (" lazy" if c.kwargs.get("LAZY") else ""))
+                                         f"s{c.num_stages}")
                 except Exception as e:  # a backend that refuses the inputs, or runs out of memory
                     row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
                 rows.append(row)
@@ -102,9 +102,9 @@ def bench_attention(seqs, rows):
         torch.cuda.empty_cache()
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages, tma, lazy rescale)
-SWEEP = [(128, 128, 8, 3, True, 0), (128, 128, 8, 3, True, 1), (128, 128, 8, 2, True, 1), (128, 64, 8, 3, True, 0),
-         (128, 64, 8, 3, True, 1), (128, 64, 8, 4, True, 1), (64, 64, 4, 3, True, 1), (128, 128, 8, 3, False, 1)]
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, tma)
+SWEEP = [(128, 128, 8, 3, True), (128, 128, 8, 2, True), (128, 64, 8, 3, True), (128, 64, 8, 4, True),
+         (128, 64, 4, 3, True), (64, 64, 4, 3, True), (128, 128, 8, 3, False), (128, 64, 8, 3, False)]
 
 
 def bench_sweep(rows):
@@ -112,8 +112,8 @@ def bench_sweep(rows):
     S = SEQS[0]
     q, k, v = (torch.randn(B, S, H, D, device=DEV, dtype=DTYPE) for _ in range(3))
     flops = 4 * B * H * S * S * D
-    for bm, bn, w, st, tma, lazy in SWEEP:
-        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, LAZY=lazy, num_warps=w, num_stages=st)
+    for bm, bn, w, st, tma in SWEEP:
+        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
         row = {"op": "attention_sweep", "S": S, "tma": tma, **cfg}
         try:
             t = ms(lambda: A._launch(q, k, v, tma=tma, config=cfg))
@@ -235,7 +235,7 @@ def table(ceil, rows):
                   f" ({r['tflops'] / ceil['matmul_bf16_tflops']:.0%} of mm){extra}")
         elif r["op"] == "attention_sweep":
             print(f"sweep S={r['S']} tma={r['tma']!s:<5} BM{r['BLOCK_M']} BN{r['BLOCK_N']} w{r['num_warps']} "
-                  f"s{r['num_stages']} lazy={r['LAZY']} {r['ms']:8.3f} ms {r['tflops']:6.0f} TFLOP/s")
+                  f"s{r['num_stages']} {r['ms']:8.3f} ms {r['tflops']:6.0f} TFLOP/s")
         elif r["op"] == "gemm":
             print(f"gemm {r['name']:<14} M={r['M']:<6} N={r['N']:<6} K={r['K']:<6} {r['ms']:8.3f} ms "
                   f"{r['tflops']:6.0f} TFLOP/s ({r['tflops'] / ceil['matmul_bf16_tflops']:.0%} of mm)")

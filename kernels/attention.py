@@ -69,22 +69,10 @@ if triton is not None:
         return t
 
     @triton.jit
-    def _softmax_pv(acc, l_i, m_i, qk, v, qk_scale, LAZY: tl.constexpr):
+    def _softmax_pv(acc, l_i, m_i, qk, v, qk_scale):
         """Online-softmax update with scores qk [BLOCK_M, BLOCK_N] fp32 and values v [BLOCK_N, BLOCK_D].
-        exp2 with the scale folded in: p = 2^(qk * scale * log2e - m), m kept in the same units.
-        LAZY: keep the running max m until some row's max grows by more than 8 (a factor 256), so most
-        blocks skip the acc rescale; p <= 256 then, which bf16 holds and fp32 sums exactly as well."""
+        exp2 with the scale folded in: p = 2^(qk * scale * log2e - m), m kept in the same units."""
         m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        if LAZY:
-            if tl.max(m_ij - m_i, 0) > 8.0:  # the first block always lands here (m_i = -inf)
-                alpha = tl.math.exp2(m_i - m_ij)
-                acc = acc * alpha[:, None]
-                l_i = l_i * alpha
-                m_i = m_ij
-            p = tl.math.exp2(qk * qk_scale - m_i[:, None])
-            l_i = l_i + tl.sum(p, 1)
-            acc = tl.dot(p.to(v.dtype), v, acc)
-            return acc, l_i, m_i
         p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
         alpha = tl.math.exp2(m_i - m_ij)
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -96,7 +84,7 @@ if triton is not None:
     def _attn_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, desc_k, desc_v, kv_row0, kv_col, start_n,
                     stride_ks, stride_vs, kv_end, offs_m, causal_off, qk_scale,
                     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                    MASK: tl.constexpr, CAUSAL: tl.constexpr, USE_TMA: tl.constexpr, LAZY: tl.constexpr):
+                    MASK: tl.constexpr, CAUSAL: tl.constexpr, USE_TMA: tl.constexpr):
         """One key block at start_n. MASK: the block may hold keys >= kv_end or above the causal diagonal;
         those scores go to -inf and their V rows to 0 (padding rows may hold NaN, and 0 * NaN = NaN)."""
         start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -116,20 +104,22 @@ if triton is not None:
             if CAUSAL:
                 keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_off)
             qk = tl.where(keep, qk, float("-inf"))
-        return _softmax_pv(acc, l_i, m_i, qk, v, qk_scale, LAZY)
+        return _softmax_pv(acc, l_i, m_i, qk, v, qk_scale)
 
     @triton.jit
     def _attn_loop(acc, l_i, m_i, q, k_ptrs, v_ptrs, desc_k, desc_v, kv_row0, kv_col,
                    stride_ks, stride_vs, lo, hi, kv_end, offs_m, causal_off, qk_scale,
                    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                   MASK: tl.constexpr, CAUSAL: tl.constexpr, USE_TMA: tl.constexpr, LAZY: tl.constexpr):
-        """Key blocks [lo, hi) of one (batch, head). Tried on an H200 (triton 3.6) and dropped: issuing the
-        next block's q k^T before this block's softmax (FA3's intra-warpgroup overlap) was no faster, and
-        tl.range(warp_specialize=True) either failed to compile or changed nothing."""
+                   MASK: tl.constexpr, CAUSAL: tl.constexpr, USE_TMA: tl.constexpr):
+        """Key blocks [lo, hi) of one (batch, head). Tried (triton 3.6) and dropped: issuing the next block's
+        q k^T before this block's softmax (FA3's intra-warpgroup overlap) was no faster on an H200, and
+        tl.range(warp_specialize=True) either failed to compile or changed nothing; skipping the acc rescale
+        until a row max grows by 2^8 (FA4's lazy rescale, a data-dependent branch) ran at 464 TFLOP/s
+        against 569 on an H100 (S=8552, 128x128 w8 s3)."""
         for start_n in range(lo, hi, BLOCK_N):
             acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, desc_k, desc_v, kv_row0, kv_col,
                                         start_n, stride_ks, stride_vs, kv_end, offs_m, causal_off, qk_scale,
-                                        HEAD_D, BLOCK_D, BLOCK_N, MASK, CAUSAL, USE_TMA, LAZY)
+                                        HEAD_D, BLOCK_D, BLOCK_N, MASK, CAUSAL, USE_TMA)
         return acc, l_i, m_i
 
     @triton.jit
@@ -139,7 +129,7 @@ if triton is not None:
                          H, GROUP, SQ, SK, SEQ_BUCKET,
                          HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, HAS_KV_LEN: tl.constexpr,
                          CAUSAL: tl.constexpr, USE_TMA: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LAZY: tl.constexpr):
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         # grid (cdiv(Sq, BLOCK_M), B * H): the m-blocks of one head run side by side and share K/V in L2
         start_m = tl.program_id(0)
         bh = tl.program_id(1)
@@ -173,10 +163,10 @@ if triton is not None:
         kv_col = hk * HEAD_D
         acc, l_i, m_i = _attn_loop(acc, l_i, m_i, q, k_ptrs, v_ptrs, desc_k, desc_v, kv_row0, kv_col,
                                    stride_ks, stride_vs, 0, n_full, kv_end, offs_m, causal_off, qk_scale,
-                                   HEAD_D, BLOCK_D, BLOCK_N, False, CAUSAL, USE_TMA, LAZY)
+                                   HEAD_D, BLOCK_D, BLOCK_N, False, CAUSAL, USE_TMA)
         acc, l_i, m_i = _attn_loop(acc, l_i, m_i, q, k_ptrs, v_ptrs, desc_k, desc_v, kv_row0, kv_col,
                                    stride_ks, stride_vs, n_full, hi, kv_end, offs_m, causal_off, qk_scale,
-                                   HEAD_D, BLOCK_D, BLOCK_N, True, CAUSAL, USE_TMA, LAZY)
+                                   HEAD_D, BLOCK_D, BLOCK_N, True, CAUSAL, USE_TMA)
         out = acc / l_i[:, None]
         o_ptrs = O + b64 * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
         if BLOCK_D == HEAD_D:
@@ -189,15 +179,14 @@ if triton is not None:
             if isinstance(nargs[name], TensorDescriptor or ()):
                 nargs[name].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_D"]]
 
-    def _config(bm, bn, warps, stages, lazy=0):
-        return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "LAZY": lazy}, num_warps=warps, num_stages=stages,
+    def _config(bm, bn, warps, stages):
+        return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages,
                              pre_hook=_tma_block_shape)
 
     if _INTERPRET:  # one small config: the interpreter is slow and cannot benchmark; BM != BN on purpose
         _CONFIGS = [_config(32, 16, 4, 1)]
     else:  # H200, S=8552, TMA: 128x128 w8 s3 532 TFLOP/s; 128x64 w8 s3/s4 492/498; 64x64 w4 s3 395 (short S)
-        _CONFIGS = [_config(128, 128, 8, 3), _config(128, 64, 8, 3), _config(128, 64, 8, 4), _config(64, 64, 4, 3),
-                    _config(128, 128, 8, 3, lazy=1), _config(128, 64, 8, 3, lazy=1)]
+        _CONFIGS = [_config(128, 128, 8, 3), _config(128, 64, 8, 3), _config(128, 64, 8, 4), _config(64, 64, 4, 3)]
     # SEQ_BUCKET = next power of two of max(Sq, Sk): retune per size class, not per exact length
     _attn_fwd = triton.autotune(_CONFIGS, key=["SEQ_BUCKET", "HEAD_D", "CAUSAL", "USE_TMA"])(_attn_fwd_kernel)
 
@@ -256,7 +245,7 @@ if triton is not None:
     # sum the softmax in a different order (last-bit differences). remember_choices(path) keeps every pick
     # in a JSON file: later processes on the machine reuse it and give the same bits, with no autotuning.
     _CHOICES, _CHOICES_PATH = {}, [None]
-    _CHOICE_FIELDS = ("BLOCK_M", "BLOCK_N", "LAZY", "num_warps", "num_stages")
+    _CHOICE_FIELDS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
     _KERNEL_VERSION = 2  # bump when the kernel or its config space changes: stored picks then retune
 
     @functools.lru_cache(maxsize=None)

@@ -95,11 +95,10 @@ def test_attention(case, dtype):
     _check(out, A.attention_ref(q, k0, v0, kv_len=kv_len, causal=causal), ATOL[dtype], f"attention {case} {dtype}")
 
 
-@pytest.mark.parametrize("lazy", [0, 1])
 @pytest.mark.parametrize("path", ["pointer", "tma"])
 @pytest.mark.parametrize("case", [(2, 37, 37, 2, 2, 128, [37, 9], False), (1, 41, 41, 4, 2, 128, [30], True),
                                   (2, 50, 50, 2, 2, 128, None, False)], ids=["kv_len", "causal_gqa", "full"])
-def test_attention_fused_qkv_views(case, path, lazy):
+def test_attention_fused_qkv_views(case, path):
     """q, k, v as strided views of one projection output, through each K/V load path with explicit blocks:
     TMA descriptors read past a batch's rows into the next batch and rely on the boundary masks."""
     B, Sq, Sk, H, Hk, D, kv, causal = case
@@ -108,28 +107,9 @@ def test_attention_fused_qkv_views(case, path, lazy):
     torch.manual_seed(1)
     q, k, v, kv_len, k0, v0 = _qkv(B, Sq, Sk, H, H, D, torch.float16, kv, fused=True)
     k, v, k0, v0 = (t[:, :, :Hk] for t in (k, v, k0, v0))  # GQA: fewer key heads, still strided views
-    cfg = dict(BLOCK_M=32, BLOCK_N=16, LAZY=lazy, num_warps=4, num_stages=2)
+    cfg = dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=2)
     out = A._launch(q, k, v, kv_len=kv_len, causal=causal, tma=path == "tma", config=cfg)
     _check(out, A.attention_ref(q, k0, v0, kv_len=kv_len, causal=causal), ATOL[torch.float16], f"views {case}")
-
-
-@pytest.mark.parametrize("growth", [0.0, 0.5, 4.0], ids=["flat", "slow", "steep"])
-def test_attention_lazy_rescale(growth):
-    """LAZY keeps a stale running max until some row's max grows by more than 8 (log2 units). Keys scaled
-    up block after block (by `growth` per 16-key block) make the row maxima rise by ~0, ~2 or ~14 per
-    block: the rescale branch runs on the first block only, every few blocks, or on every block."""
-    torch.manual_seed(3)
-    B, S, H, D = 2, 200, 2, 128
-    q, k, v = (torch.randn(B, S, H, D, device=DEV) for _ in range(3))
-    ramp = 1 + growth * torch.arange(S, device=DEV).div(16, rounding_mode="floor")
-    k = k * ramp[None, :, None, None]
-    q, k, v = (t.half() for t in (q, k, v))
-    kv_len = torch.tensor([200, 41], dtype=torch.int32, device=DEV)
-    ref = A.attention_ref(q, k, v, kv_len=kv_len)
-    for lazy in (0, 1):
-        cfg = dict(BLOCK_M=32, BLOCK_N=16, LAZY=lazy, num_warps=4, num_stages=2)
-        _poison(q.shape, q.dtype)
-        _check(A._launch(q, k, v, kv_len=kv_len, config=cfg), ref, ATOL[torch.float16], f"lazy={lazy}")
 
 
 def test_attention_supports():
@@ -288,7 +268,7 @@ def test_attention_remembers_its_block_shapes(tmp_path, monkeypatch):
     stored = json.loads(path.read_text())
     assert len(stored) == 1
     (key, cfg), = stored.items()
-    assert "|S 64|D 32|causal 0|" in key and set(cfg) == {"BLOCK_M", "BLOCK_N", "LAZY", "num_warps", "num_stages"}
+    assert "|S 64|D 32|causal 0|" in key and set(cfg) == {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}
     # a "new process": empty memory, the file read back, the autotuner never consulted
     monkeypatch.setattr(A, "_CHOICES", {})
     A.remember_choices(path)
