@@ -1,7 +1,9 @@
 """Full-size MMDiT forward, ours vs diffusers' QwenImageTransformer2DModel in the same process.
 
 Random bf16 weights in the real config are built on the GPU once and shared by both models (our parameter
-names equal the checkpoint keys), so 41 GB serves both. Run on the device machine:
+names equal the checkpoint keys), so 41 GB serves both. `ours` is the engine as it runs (ops.attention
+picks our kernel or cuDNN per size, by timing both once); `ours_triton_attention` keeps our kernel.
+Run on the device machine:
     python -m benchmarks.bench_e2e --out results.json [--cases 1024_b1,1024_b2,4k_b1] [--compiled 1024_b1,1024_b2]
         [--profile 1024_b1]
 """
@@ -11,6 +13,7 @@ import os
 import torch
 
 from benchmarks.common import ceilings, diffusers_transformer, env_info, time_ms, write_json
+from engine import ops
 from engine.config import MMDiTConfig
 from engine.mmdit import MMDiT, modulation_table
 from loaders import assign
@@ -130,13 +133,15 @@ def run_case(case, ref, ours, compiled=False):
     ours_fn = lambda: ours(x, txt, lens, t, shapes, rope=rope, mods=mods)
     rows = {}
     with torch.inference_mode():
-        for name, fn, env in [("diffusers" + ("_compiled" if compiled else ""), ref_fn, "triton"),
-                              ("ours_torch_ops", ours_fn, "torch"), ("ours", ours_fn, "triton")]:
+        for name, fn, env, attn in [("diffusers" + ("_compiled" if compiled else ""), ref_fn, "triton", "auto"),
+                                    ("ours_torch_ops", ours_fn, "torch", "auto"),
+                                    ("ours_triton_attention", ours_fn, "triton", "triton"),
+                                    ("ours", ours_fn, "triton", "auto")]:
             if compiled and name != "diffusers_compiled":
                 continue
             if name == "ours_torch_ops" and case.startswith("4k"):
                 continue  # about a minute per call there, and it is the correctness path, not a baseline
-            os.environ["QIE_OPS"] = env
+            os.environ["QIE_OPS"], os.environ["QIE_ATTENTION"] = env, attn
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
@@ -145,7 +150,7 @@ def run_case(case, ref, ours, compiled=False):
             rows[name] = {"ms": ms, "tflops": flops(case) / ms / 1e9,
                           "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
                           "activation_peak_gib": (torch.cuda.max_memory_allocated() - base) / 2**30}
-        os.environ["QIE_OPS"] = "triton"
+        os.environ["QIE_OPS"], os.environ["QIE_ATTENTION"] = "triton", "auto"
         if not compiled:
             a, b = ours_fn().float(), ref_fn().float()
             rows["ours_vs_diffusers_rel_l2"] = ((a - b).norm() / b.norm()).item()
@@ -170,6 +175,7 @@ def main():
         payload["cases"][case] = run_case(case, ref, ours)
         write_json(args.out, payload)
         print(case, payload["cases"][case], flush=True)
+    payload["attention_backends"] = dict(ops._BACKENDS)  # what ops.attention chose, per size class
     for case in filter(None, args.profile.split(",")):
         try:
             payload.setdefault("profile", {})[case] = profile_case(case, ref, ours, payload["cases"][case])

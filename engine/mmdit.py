@@ -57,8 +57,9 @@ class JointAttention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
         self.to_add_out = nn.Linear(dim, dim)
 
-    def forward(self, img, txt, rope, kv_len):
-        """img [B, N, C], txt [B, L, C]; rope = (cos, sin) [N + L, D/2]; kv_len [B] valid joint keys."""
+    def forward(self, img, txt, rope, kv_len, kv_host=None):
+        """img [B, N, C], txt [B, L, C]; rope = (cos, sin) [N + L, D/2]; kv_len [B] valid joint keys
+        (kv_host: the same as host ints, or None)."""
         (B, N, _), L = img.shape, txt.shape[1]
         cos, sin = rope
         split = lambda t: t.unflatten(-1, (self.heads, self.head_dim))  # [B, S, H, D]
@@ -69,7 +70,7 @@ class JointAttention(nn.Module):
         ops.rms_norm_rope(split(self.to_k(img)), self.norm_k.weight, cos[:N], sin[:N], out=k[:, :N])
         ops.rms_norm_rope(split(self.add_k_proj(txt)), self.norm_added_k.weight, cos[N:], sin[N:], out=k[:, N:])
         v = torch.cat([split(self.to_v(img)), split(self.add_v_proj(txt))], 1)
-        out = ops.attention(q, k, v, kv_len=kv_len).flatten(2)  # [B, N + L, C]
+        out = ops.attention(q, k, v, kv_len=kv_len, kv_host=kv_host).flatten(2)  # [B, N + L, C]
         return self.to_out[0](out[:, :N]), self.to_add_out(out[:, N:])
 
 
@@ -96,7 +97,7 @@ class Block(nn.Module):
             img = img[:, None]
         return img, self.txt_mod(temb)[:, None]
 
-    def forward(self, img, txt, mod, rope, kv_len, split):
+    def forward(self, img, txt, mod, rope, kv_len, split, kv_host=None):
         """img [B, N, C], txt [B, L, C]; mod from modulation(); split: first token of the t=0 set or None."""
         img_mod, txt_mod = (m.expand(img.shape[0], -1, -1) for m in mod)  # a B=1 table serves every row
         # each [B, 1|2, C]; a single set is squeezed to [B, C] for the ops
@@ -106,7 +107,7 @@ class Block(nn.Module):
 
         img_in = ops.norm_modulate(img, i_shift1, i_scale1, split)
         txt_in = ops.norm_modulate(txt, t_shift1, t_scale1)
-        img_attn, txt_attn = self.attn(img_in, txt_in, rope, kv_len)
+        img_attn, txt_attn = self.attn(img_in, txt_in, rope, kv_len, kv_host)
 
         img, img_in = ops.gated_residual_norm_modulate(img, i_gate1, img_attn, i_shift2, i_scale2, split)
         txt, txt_in = ops.gated_residual_norm_modulate(txt, t_gate1, txt_attn, t_shift2, t_scale2)
@@ -218,28 +219,31 @@ class MMDiT(nn.Module):
         txt = self.txt_in(self.txt_norm(txt))
         rope = rope if rope is not None else self.rope(img_shapes, L, x.device)
         mods = mods if mods is not None else self.modulations(temb)
-        kv_len = (N + txt_len).to(device=x.device, dtype=torch.int32)
+        kv_len = (N + txt_len).to(device=x.device, dtype=torch.int32, non_blocking=True)  # no sync from host
+        # host copies of the lengths let ops choose an attention backend without waiting for the GPU
+        kv_host = tuple(int(n) for n in (N + txt_len).tolist()) if txt_len.device.type == "cpu" else None
         f, h, w = img_shapes[0]
         split = f * h * w if self.cfg.zero_cond_t else None
         B = img.shape[0]
         for blk, mod in zip(self.transformer_blocks, mods):
             if rows_per_block is None or rows_per_block >= B:
-                img, txt = blk(img, txt, mod, rope, kv_len, split)
+                img, txt = blk(img, txt, mod, rope, kv_len, split, kv_host)
             else:
-                img, txt = _by_rows(blk, img, txt, mod, rope, kv_len, split, rows_per_block)
+                img, txt = _by_rows(blk, img, txt, mod, rope, kv_len, split, rows_per_block, kv_host)
         if self.cfg.zero_cond_t:
             temb = temb.chunk(2)[0]
         return self.proj_out(self.norm_out(img, temb))
 
 
-def _by_rows(blk, img, txt, mod, rope, kv_len, split, rows):
+def _by_rows(blk, img, txt, mod, rope, kv_len, split, rows, kv_host=None):
     """blk over `rows` rows at a time, each chunk's output written into one new [B, ...] pair."""
     B = img.shape[0]
     out_img, out_txt = torch.empty_like(img), torch.empty_like(txt)
     for r in range(0, B, rows):
         sl = slice(r, r + rows)
         m = tuple(t[sl] if t.shape[0] == B else t for t in mod)   # a B=1 table serves every chunk
-        out_img[sl], out_txt[sl] = blk(img[sl], txt[sl], m, rope, kv_len[sl], split)
+        out_img[sl], out_txt[sl] = blk(img[sl], txt[sl], m, rope, kv_len[sl], split,
+                                       None if kv_host is None else kv_host[sl])
     return out_img, out_txt
 
 

@@ -3,11 +3,15 @@
 Model code calls ops.<name>(...) and never knows which ran. QIE_OPS=torch forces the references (the
 baseline path in benchmarks); QIE_OPS=triton (default) uses a kernel wherever one exists for the inputs;
 QIE_OPS=interpret runs the kernels on CPU tensors under the Triton interpreter (the CI's model-level check).
+QIE_ATTENTION=triton keeps attention on our kernel (no timing against cuDNN; see attention()).
 """
+import functools
+import json
 import os
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kernels import attention as _attention
 from kernels import modulation as _modulation
@@ -23,12 +27,102 @@ def _triton(t, module, name):
     return getattr(module, name, None)
 
 
-def attention(q, k, v, kv_len=None, causal=False, scale=None):
-    """q [B, Sq, H, D]; k, v [B, Sk, Hk, D]; kv_len int32 [B] valid keys per row (keys past it ignored)."""
+def attention(q, k, v, kv_len=None, causal=False, scale=None, kv_host=None):
+    """q [B, Sq, H, D]; k, v [B, Sk, Hk, D]; kv_len int32 [B] valid keys per row (keys past it ignored).
+    kv_host: the same lengths as host ints, if the caller has them (reading kv_len would wait for the GPU).
+    With them, a non-causal bf16/fp16 call may go to torch's cuDNN attention instead of our kernel, where
+    that measured faster on this GPU for this size (timed once, then remembered: see _fastest)."""
     fn = _triton(q, _attention, "attention")
-    if fn is not None and fn.supports(q, k, v, causal):
-        return fn(q, k, v, kv_len=kv_len, causal=causal, scale=scale)
-    return _attention.attention_ref(q, k, v, kv_len=kv_len, causal=causal, scale=scale)
+    if fn is None or not fn.supports(q, k, v, causal):
+        return _attention.attention_ref(q, k, v, kv_len=kv_len, causal=causal, scale=scale)
+    ours = lambda: fn(q, k, v, kv_len=kv_len, causal=causal, scale=scale)  # noqa: E731
+    if _cudnn_candidate(q, k, causal, kv_len, kv_host):
+        cudnn = lambda: sdpa_rows(q, k, v, kv_host, scale, SDPBackend.CUDNN_ATTENTION)  # noqa: E731
+        if _fastest(_backend_key(q, k, kv_host), ours, cudnn) == "cudnn":
+            return cudnn()
+    return ours()
+
+
+def sdpa_rows(q, k, v, kv_host=None, scale=None, backend=SDPBackend.CUDNN_ATTENTION):
+    """Attention through torch SDPA's `backend`, each row b over its first kv_host[b] keys (one call for
+    the batch when every key is valid). q, k, v [B, S, H, D] (views fine) -> [B, Sq, H, D] contiguous."""
+    Sk = k.shape[1]
+    t = lambda x: x.transpose(1, 2)  # noqa: E731  [B, S, H, D] view -> SDPA's [B, H, S, D]
+    with sdpa_kernel(backend):
+        if kv_host is None or all(n == Sk for n in kv_host):
+            return t(F.scaled_dot_product_attention(t(q), t(k), t(v), scale=scale)).contiguous()
+        out = q.new_empty(q.shape)
+        for b, n in enumerate(kv_host):
+            row = F.scaled_dot_product_attention(t(q[b:b + 1]), t(k[b:b + 1, :n]), t(v[b:b + 1, :n]), scale=scale)
+            out[b:b + 1] = t(row)
+        return out
+
+
+def _cudnn_candidate(q, k, causal, kv_len, kv_host):
+    if os.environ.get("QIE_ATTENTION", "auto") != "auto" or not q.is_cuda or causal:
+        return False
+    if kv_len is not None and (kv_host is None or len(kv_host) != q.shape[0]):
+        return False                       # the lengths would have to be read back from the GPU
+    return (q.dtype in (torch.float16, torch.bfloat16) and q.shape[2] == k.shape[2] and q.shape[-1] in (64, 128)
+            and torch.backends.cudnn.is_available())
+
+
+@functools.lru_cache(maxsize=None)
+def _device_name(index):
+    return torch.cuda.get_device_name(index)
+
+
+def _backend_key(q, k, kv_host):
+    B, Sq, H, D = q.shape
+    masked = kv_host is not None and any(n != k.shape[1] for n in kv_host)
+    bucket = 1 << (max(Sq, k.shape[1]) - 1).bit_length()
+    return (f"{_device_name(q.device.index)}|torch {torch.__version__}|cudnn {torch.backends.cudnn.version()}"
+            f"|{_attention.__name__} {getattr(_attention, '_KERNEL_VERSION', 0)}|B {B}|H {H}|D {D}|S {bucket}"
+            f"|masked {int(masked)}")
+
+
+# Which attention implementation wins, per size class on this GPU: decided once by timing both on the
+# call's own inputs, kept in memory and (remember_kernel_choices) on disk, so that later runs pick the
+# same one and give the same bits. A backend that fails on the inputs loses.
+_BACKENDS, _BACKENDS_PATH = {}, [None]
+
+
+def _fastest(key, ours, cudnn, rounds=3):
+    choice = _BACKENDS.get(key)
+    if choice is None:
+        times = {"ours": [], "cudnn": []}
+        try:
+            ours(), cudnn()                # warm-up: autotuning, cuDNN plan building
+            for _ in range(rounds):       # alternating, so clock drift hits both alike
+                for name, fn in (("ours", ours), ("cudnn", cudnn)):
+                    times[name].append(_time_ms(fn))
+            choice = min(times, key=lambda n: sorted(times[n])[len(times[n]) // 2])
+        except RuntimeError:              # cuDNN refused these inputs (or ran out of memory)
+            choice = "ours"
+        _BACKENDS[key] = choice
+        _save_json(_BACKENDS_PATH[0], _BACKENDS)
+    return choice
+
+
+def _time_ms(fn):
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    fn()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b)
+
+
+def _save_json(path, data):
+    if path is None:
+        return
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)             # atomic: a concurrent reader sees the old or the new file
+    except OSError:
+        pass                              # a read-only cache folder costs only the reuse
 
 
 def remember_kernel_choices(folder):
@@ -37,6 +131,17 @@ def remember_kernel_choices(folder):
     remember = getattr(_attention, "remember_choices", None)
     if remember is not None:
         remember(os.path.join(folder, "attention_choices.json"))
+    path = os.path.join(folder, "attention_backends.json")
+    _BACKENDS_PATH[0] = path
+    try:
+        with open(path) as f:
+            stored = json.load(f)
+    except (OSError, ValueError):
+        return
+    if isinstance(stored, dict):
+        for key, choice in stored.items():
+            if choice in ("ours", "cudnn"):
+                _BACKENDS.setdefault(key, choice)
 
 
 def norm_modulate(x, shift, scale, split=None, eps=1e-6):

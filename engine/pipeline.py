@@ -233,7 +233,7 @@ def edit(models: EditModels, image, prompt_embeds, prompt_mask=None, negative_em
         if use_cfg:
             rows.append(_prompt_rows(negative_embeds, negative_mask, "negative_prompt_embeds"))
         txt, txt_len = pad_text([r[0].to(dev, dt) for r in rows], [r[1] for r in rows])
-        txt_len = txt_len.to(dev)  # once, not a host-to-device copy per step
+        # txt_len stays on the host: the model copies it without a sync and reads it to choose backends
         B = txt.shape[0]
 
         lh, lw = 2 * (height // multiple), 2 * (width // multiple)  # latent size
