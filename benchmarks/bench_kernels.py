@@ -48,6 +48,11 @@ def ms(fn, slow_s=0.5):
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
+def median_ms(fn):
+    """Median of ROUNDS ms() calls: one call alone can catch the clocks still ramping up."""
+    return sorted(ms(fn) for _ in range(ROUNDS))[ROUNDS // 2]
+
+
 def ceilings():
     c = measured_ceilings()  # the same measurement bench_e2e uses
     return {"matmul_bf16_tflops": c["matmul_tflops"], "copy_gbs": c["copy_gbs"]}
@@ -148,7 +153,7 @@ def bench_sweep(rows):
     cos, sin = torch.rand(S, D // 2, device=DEV), torch.rand(S, D // 2, device=DEV)
     for block_t in (1, 2, 4):
         for w in (2, 4, 8):
-            t = ms(lambda: R._launch(kx, wt, cos, sin, 1e-6, block_t, w))
+            t = ms(lambda: R._launch(kx, wt, cos, sin, 1e-6, block_t=block_t, num_warps=w))
             rows.append({"op": "rms_norm_rope_sweep", "S": S, "block": block_t, "num_warps": w, "ms": t,
                          "gbs": 2 * n / t / 1e6})
 
@@ -188,11 +193,11 @@ def bench_memory_bound(seqs, rows, copy_gbs):
                               lambda: R.rms_norm_rope_ref(kx, w, cos, sin), None),
         }
         dst = torch.empty_like(x)
-        t = ms(lambda: dst.copy_(x))
+        t = median_ms(lambda: dst.copy_(x))
         rows.append({"op": "copy_same_size", "S": S, "C": C, "provider": "torch", "ms": t, "gbs": 2 * n / t / 1e6,
                      "frac_of_copy": 2 * n / t / 1e6 / copy_gbs})
         for op, (nbytes, ours, ref, eager) in ops.items():
-            t = ms(ours)
+            t = median_ms(ours)
             row = {"op": op, "S": S, "C": C, "split": None if op == "rms_norm_rope" else split, "provider": "ours",
                    "ms": t, "gbs": nbytes / t / 1e6, "frac_of_copy": nbytes / t / 1e6 / copy_gbs}
             row["torch_ref_ms"] = ms(ref)
