@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kernels import attention as _attention
+from loaders import LoadError, atomic_write_bytes
 from kernels import modulation as _modulation
 from kernels import qk_rope as _qk_rope
 
@@ -116,12 +117,9 @@ def _time_ms(fn):
 def _save_json(path, data):
     if path is None:
         return
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)             # atomic: a concurrent reader sees the old or the new file
-    except OSError:
+    try:  # atomic: a concurrent reader sees the old or the new file
+        atomic_write_bytes(path, json.dumps(data, indent=1, sort_keys=True).encode(), force=True)
+    except LoadError:
         pass                              # a read-only cache folder costs only the reuse
 
 
