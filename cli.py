@@ -61,7 +61,7 @@ def _dtype(args):
 
 
 def _text_sizes(model_dir, image, args, tensors, cfg_batch):
-    from engine.budget import text_sizes
+    from engine.pipelines.budget import text_sizes
     embeds = [t for k, t in (tensors or {}).items() if k in ("prompt_embeds", "negative_prompt_embeds")]
     return text_sizes(model_dir, image, [args.prompt] + ([args.negative_prompt] if cfg_batch > 1 else []), embeds)
 
@@ -71,7 +71,7 @@ def _plan(model_dir, image, args, text_encoder, cfg_batch, tensors=None):
     args.job = (model_dir, image, cfg_batch, text_encoder, tensors)   # for the out-of-memory advice
     if getattr(args, "vram", None) is None and getattr(args, "offload", None) is None:
         return None
-    from engine.budget import make_plan, resolve_budget
+    from engine.pipelines.budget import make_plan, resolve_budget
     if args.device != "cuda":
         raise _input_error("--vram/--offload plan GPU memory; use them with --device cuda")
     budget = resolve_budget(args.vram)
@@ -85,7 +85,7 @@ def _plan(model_dir, image, args, text_encoder, cfg_batch, tensors=None):
 
 def _encode(model_dir, image, args, plan=None):
     """--prompt/--negative-prompt -> the tensors an embeddings file holds."""
-    from engine.pipeline import encode_text
+    from engine.pipelines.common import encode_text
     t0 = time.perf_counter()
     use_negative = args.negative_prompt is not None and getattr(args, "cfg", 2.0) > 1
     prompts = [args.prompt] + ([args.negative_prompt] if use_negative else [])
@@ -107,7 +107,7 @@ def _read_embeds(embeds_file):
 
 
 def _run_edit(model_dir, image, tensors, args, plan=None):
-    from engine.pipeline import load_models
+    from engine.pipelines.common import load_models
     models = load_models(model_dir, device=args.device, dtype=_dtype(args), plan=plan)
     _edit_one(models, image, tensors, args, args.out, args.force)
     print(models.memory_summary())
@@ -118,7 +118,7 @@ def _edit_one(models, image, tensors, job, out_path, force):
     from tqdm import tqdm
 
     from engine.config import RunOptions
-    from engine.pipeline import edit
+    from engine.pipelines.common import edit
     from loaders import LoadError, write_png
 
     joint = models.transformer.cfg.joint_attention_dim
@@ -146,7 +146,7 @@ def cmd_batch(args):
     transformer load for all edits."""
     from types import SimpleNamespace
 
-    from engine.pipeline import encode_texts, load_models
+    from engine.pipelines.common import encode_texts, load_models
     from loaders import read_image
     from loaders.jobs import read_jobs
     if args.out or args.vram or args.offload:
@@ -287,8 +287,8 @@ def _oom_advice(args):
     (the generic advice when the job cannot be sized)."""
     generic = "give a budget with --vram SIZE (weights then stream from host RAM), or a smaller --width/--height"
     try:
-        from engine.budget import least_budget
-        from engine.planner import gib_up
+        from engine.pipelines.budget import least_budget
+        from engine.vram.planner import gib_up
         model_dir, image, cfg_batch, text_encoder, tensors = args.job
         least = gib_up(least_budget(model_dir, image.size, args.width, args.height, cfg_batch, text_encoder,
                                     _dtype(args), args.steps, *_text_sizes(model_dir, image, args, tensors, cfg_batch)))
@@ -316,7 +316,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.fn in (cmd_edit, cmd_encode, cmd_batch, cmd_demo):
         _remember_kernel_choices()
-    from engine.processor import PromptError
+    from engine.text.processor import PromptError
     from loaders import LoadError
     try:
         args.fn(args)

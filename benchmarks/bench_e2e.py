@@ -15,7 +15,7 @@ import torch
 from benchmarks.common import ceilings, diffusers_transformer, env_info, time_ms, write_json
 from engine import ops
 from engine.config import MMDiTConfig
-from engine.mmdit import MMDiT, modulation_table
+from engine.models.mmdit import MMDiT, modulation_table
 from loaders import assign
 
 FULL = MMDiTConfig()  # 60 blocks, 3072 wide, 24 heads x 128

@@ -4,7 +4,7 @@ Two parts, run one after the other as separate processes (each builds its own ra
 of host RAM holds one set at a time):
     python -m benchmarks.bench_offload ours --out ours.json --tokenizer DIR
     python -m benchmarks.bench_offload diffusers --out ref.json [--text-lengths 1246,1233]
-ours: text encoder, VAE encode, denoising with CFG and VAE decode through engine.pipeline, with the plan the
+ours: text encoder, VAE encode, denoising with CFG and VAE decode through engine.pipelines.common, with the plan the
 planner makes for each budget; the budget is enforced with torch.cuda.set_per_process_memory_fraction
 (minus what the process holds outside torch's allocator), so going over fails instead of passing quietly.
 Per stage: time and peak VRAM; per step: time and bytes streamed. Also the host-to-device bandwidth, and
@@ -29,12 +29,12 @@ from PIL import Image
 
 from benchmarks.common import diffusers_transformer, env_info, random_state, time_ms, write_json
 from engine.config import MMDiTConfig, RunOptions, SchedulerConfig, VAEConfig
-from engine.mmdit import MMDiT
-from engine.memory import GiB, Job, activation_bytes, model_sizes_from_configs
-from engine.planner import plan, smallest_budget
-from engine.text_encoder import TextConfig, TextEncoder
-from engine.vae import QwenImageVAE
-from engine.vision import VisionConfig
+from engine.models.mmdit import MMDiT
+from engine.vram.memory import GiB, Job, activation_bytes, model_sizes_from_configs
+from engine.vram.planner import plan, smallest_budget
+from engine.models.text_encoder import TextConfig, TextEncoder
+from engine.models.vae import QwenImageVAE
+from engine.models.vision import VisionConfig
 from loaders import assign
 
 SCHEDULER = dict(base_image_seq_len=256, base_shift=0.5, invert_sigmas=False, max_image_seq_len=8192,
@@ -81,7 +81,7 @@ def enforce(budget):
 
 def h2d_bandwidth(nbytes=1 << 30, reps=10):
     """GB/s of one host->device copy from registered (pinned) host memory, the way the streamer copies."""
-    from engine.offload import _host_buffer, _unregister
+    from engine.vram.offload import _host_buffer, _unregister
     host, ptr = _host_buffer(nbytes, pin=True)
     dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     ms = time_ms(lambda: dev.copy_(host, non_blocking=True), warmup=2, reps=reps)
@@ -104,7 +104,7 @@ def _release(models, *modules):
 
 def run_edit(name, budget, mode, job_key, mm, te, vae, processor, sizes, device="cuda"):
     """One whole edit under `budget` (None: no budget, everything resident). Returns a result row."""
-    from engine.pipeline import edit, place_models, run_text_encoder
+    from engine.pipelines.common import edit, place_models, run_text_encoder
     w, h, steps = JOBS[job_key]
     image = test_image()
     job = Job(w, h, 1024, 1024, batch=2, steps=steps)
@@ -175,7 +175,7 @@ def vae_decode_ours(vae, budget=2 * GiB, hw=(384, 512)):
     """Our 4096x3072 decode, tiled with the largest tile whose estimated peak (weights + activations, 5%
     margin) fits `budget`, with torch's allocator capped at `budget` (peak allocated, as diffusers' figure
     is counted; the CUDA context is not in it); and untiled, uncapped."""
-    from engine.planner import VAE_TILES, MARGIN_FRACTION
+    from engine.vram.planner import VAE_TILES, MARGIN_FRACTION
     weights = sum(p.numel() * 2 for p in vae.parameters())
     tile = next(t for t in VAE_TILES[1:]
                 if (weights + activation_bytes(vae.cfg, *hw, t, torch.bfloat16)) * (1 + MARGIN_FRACTION) <= budget)
@@ -205,7 +205,7 @@ def vae_decode_ours(vae, budget=2 * GiB, hw=(384, 512)):
 
 
 def main_ours(args):
-    from engine.processor import Processor
+    from engine.text.processor import Processor
     cfgs = (MMDiTConfig(), (TextConfig(), VisionConfig()), VAEConfig())
     sizes = model_sizes_from_configs(cfgs[0], cfgs[1], cfgs[2], 2)
     payload = {"env": env_info(), "h2d_gbs": h2d_bandwidth(), "runs": {}}

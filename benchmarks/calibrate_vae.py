@@ -1,4 +1,4 @@
-"""Measured VAE activation peaks vs engine.vae.activation_bytes, the planner's estimate (bf16, full config).
+"""Measured VAE activation peaks vs engine.models.vae.activation_bytes, the planner's estimate (bf16, full config).
 
     python -m benchmarks.calibrate_vae --out vae_memory.json [--trace encode:1024:none]
 Each case: peak allocated minus what was allocated before the call (weights and input excluded), next to
@@ -14,8 +14,8 @@ import torch  # noqa: E402
 
 from benchmarks.common import env_info, random_state, write_json  # noqa: E402
 from engine.config import VAEConfig  # noqa: E402
-from engine.memory import activation_bytes  # noqa: E402
-from engine.vae import QwenImageVAE  # noqa: E402
+from engine.vram.memory import activation_bytes  # noqa: E402
+from engine.models.vae import QwenImageVAE  # noqa: E402
 from loaders import assign  # noqa: E402
 
 GiB = 2 ** 30

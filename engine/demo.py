@@ -13,9 +13,9 @@ from PIL import Image, ImageDraw
 from loaders import save_component, write_tensors
 from loaders.vae_layout import to_3d
 
-from .config import MMDiTConfig, VAEConfig
-from .mmdit import MMDiT
-from .vae import QwenImageVAE
+from engine.config import MMDiTConfig, VAEConfig
+from engine.models.mmdit import MMDiT
+from engine.models.vae import QwenImageVAE
 
 DEMO_MMDIT = MMDiTConfig(num_layers=2, attention_head_dim=32, num_attention_heads=4, joint_attention_dim=64,
                          axes_dims_rope=(8, 12, 12))

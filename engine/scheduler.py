@@ -8,7 +8,7 @@ import math
 import numpy as np
 import torch
 
-from .config import SchedulerConfig
+from engine.config import SchedulerConfig
 
 
 def image_seq_mu(seq_len, cfg: SchedulerConfig):

@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from engine.config import VAEConfig
-from engine.memory import activation_bytes
-from engine.pipeline import image_to_tensor
-from engine.vae import QwenImageVAE, to_device
+from engine.vram.memory import activation_bytes
+from engine.pipelines.common import image_to_tensor
+from engine.models.vae import QwenImageVAE, to_device
 
 pytestmark = pytest.mark.gpu
 GiB = 2 ** 30

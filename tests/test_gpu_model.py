@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from engine.config import MMDiTConfig
-from engine.mmdit import MMDiT, modulation_table
+from engine.models.mmdit import MMDiT, modulation_table
 from loaders import assign
 
 pytestmark = pytest.mark.gpu

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import cli
-from engine.mmdit import load_mmdit
+from engine.models.mmdit import load_mmdit
 from loaders import LoadError, Snapshot, load_state_dict, read_image, save_component
 
 from .conftest import make_transformer, write_snapshot
@@ -179,7 +179,7 @@ def test_cli_demo_runs(tmp_path):
 
 
 def test_cli_embeddings_of_wrong_width_or_mask(tmp_path, tiny_snapshot):
-    from engine.pipeline import _prompt_rows
+    from engine.pipelines.common import _prompt_rows
     from loaders import write_tensors
     Image.new("RGB", (32, 32)).save(tmp_path / "in.png")
     write_tensors({"prompt_embeds": torch.zeros(1, 5, 32)}, tmp_path / "e.safetensors")
@@ -209,8 +209,8 @@ def test_large_and_float_images(tmp_path, monkeypatch):
 
 def test_out_of_memory_advice_names_the_least_budget(tiny_snapshot, tmp_path):
     """Out of GPU memory: the one line names the --vram the planner would run this edit in."""
-    from engine.budget import edit_job
-    from engine.planner import gib_up, smallest_budget
+    from engine.pipelines.budget import edit_job
+    from engine.vram.planner import gib_up, smallest_budget
     root = str(tiny_snapshot[0])
     args = cli.build_parser().parse_args(["edit", "--model", root, "--image", "in.png", "--prompt", "x",
                                           "--out", str(tmp_path / "o.png"), "--width", "64", "--height", "48"])

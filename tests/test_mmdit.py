@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from engine.config import MMDiTConfig
-from engine.mmdit import MMDiT, load_mmdit
+from engine.models.mmdit import MMDiT, load_mmdit
 from loaders import LoadError, Snapshot, assign
 
 from .conftest import TINY_MMDIT, make_transformer, write_snapshot
@@ -95,7 +95,7 @@ def test_config_rejects_unknown_field():
 @pytest.mark.parametrize("zero_cond_t", [False, True])
 def test_modulation_table_then_drop(zero_cond_t):
     """Precomputed modulation (batch 1, broadcast to B=2) equals the in-forward path; weights then drop."""
-    from engine.mmdit import drop_modulation_weights, modulation_table
+    from engine.models.mmdit import drop_modulation_weights, modulation_table
     ours = ours_from(make_transformer(seed=9, zero_cond_t=zero_cond_t))
     g = torch.Generator().manual_seed(3)
     shapes = [(1, 2, 3), (1, 3, 2)]
@@ -150,7 +150,7 @@ def test_bf16_semantics_match_diffusers(zero_cond_t):
 def test_forward_through_triton_kernels(monkeypatch, zero_cond_t):
     """The whole model through the Triton kernels (interpreter): stride-0 modulation rows, the split between
     modulation sets, q/k written into joint-sequence slices, kv_len with padded text."""
-    from engine.mmdit import modulation_table
+    from engine.models.mmdit import modulation_table
     ours = ours_from(make_transformer(seed=13, zero_cond_t=zero_cond_t))  # matches diffusers (tests above)
     g = torch.Generator().manual_seed(21)
     shapes, lens = [(1, 3, 5), (1, 5, 3)], torch.tensor([9, 4])

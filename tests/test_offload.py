@@ -5,10 +5,10 @@ import copy
 import pytest
 import torch
 
-from engine.mmdit import drop_modulation_weights, modulation_table
-from engine.offload import modulation_table_streamed, move_except, stream_blocks
-from engine.text_encoder import TextConfig, TextEncoder
-from engine.vision import VisionConfig
+from engine.models.mmdit import drop_modulation_weights, modulation_table
+from engine.vram.offload import modulation_table_streamed, move_except, stream_blocks
+from engine.models.text_encoder import TextConfig, TextEncoder
+from engine.models.vision import VisionConfig
 
 from .conftest import TINY_MMDIT, randomize_
 from .test_mmdit import make_transformer, ours_from
@@ -234,7 +234,7 @@ class ClockedSync:
 
 
 def run_clocked(mmdit, sync, resident=0):
-    from engine.offload import StreamHandle
+    from engine.vram.offload import StreamHandle
     ts = torch.tensor([0.9, 0.4, 0.1])
     model = copy.deepcopy(mmdit)
     table = modulation_table(model, ts)
@@ -264,7 +264,7 @@ def test_edit_with_streamed_transformer(tiny_snapshot):
     from PIL import Image
 
     from engine.config import RunOptions
-    from engine.pipeline import edit, load_models
+    from engine.pipelines.common import edit, load_models
     from tests.test_pipeline import SMALL_AREA, prompts
 
     root, _, _ = tiny_snapshot
@@ -284,7 +284,7 @@ def test_edit_with_streamed_transformer(tiny_snapshot):
 def test_resident_mode_leaves_modulation_on_host():
     """move_except_modulation: everything goes to the device but img_mod/txt_mod (the meta device stands in
     for the GPU); the bytes it reports are exactly the modulation weights'."""
-    from engine.offload import move_except_modulation
+    from engine.vram.offload import move_except_modulation
     from tests.conftest import make_transformer
     from tests.test_mmdit import ours_from
     model = ours_from(make_transformer(seed=1))

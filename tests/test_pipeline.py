@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from engine.config import RunOptions
-from engine.pipeline import condition_size, edit, load_models, pack, unpack
+from engine.pipelines.common import condition_size, edit, load_models, pack, unpack
 
 SMALL_AREA = 96 * 96  # the reference hard-codes 1024²; both sides are pointed at a small area to keep CPU time low
 
@@ -97,7 +97,7 @@ def test_demo_snapshot_loads_in_diffusers(tmp_path):
 
 def test_streamed_plan_gives_the_same_image(tiny_snapshot):
     """A VRAM plan that streams blocks (and tiles nothing away from exactness) changes no pixel."""
-    from engine.budget import make_plan
+    from engine.pipelines.budget import make_plan
     root, _, _ = tiny_snapshot
     image = Image.new("RGB", (72, 56), (30, 160, 90))
     pe, pm, ne, nm = prompts(4)

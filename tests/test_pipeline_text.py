@@ -6,7 +6,7 @@ import torch
 
 import cli
 from engine.config import RunOptions
-from engine.pipeline import edit, encode_text, load_models
+from engine.pipelines.common import edit, encode_text, load_models
 from tests.conftest import make_transformer, make_vae, write_snapshot
 from tests.test_pipeline import SMALL_AREA
 from tests.test_processor import random_image, reference_processor, write_image_config, write_tokenizer_folders
@@ -76,7 +76,7 @@ def test_long_prompt_refused_by_cli(text_snapshot, tmp_path, capsys):
 
 def test_cli_encode_then_edit_equals_prompt_edit(text_snapshot, tmp_path, monkeypatch):
     """`encode` writes what `edit --prompt-embeds` reads; both routes give the same PNG."""
-    import engine.pipeline as pl
+    import engine.pipelines.common as pl
     orig = pl.condition_size  # the CLI's 1 MP condition is slow on a CPU
     monkeypatch.setattr(pl, "condition_size", lambda w, h, area=None: orig(w, h, SMALL_AREA))
     random_image(100, 80, seed=4).save(tmp_path / "in.png")
@@ -93,7 +93,7 @@ def test_cli_batch_equals_single_edits(text_snapshot, tmp_path, monkeypatch, cap
     """One model load for a prompt job and an embeddings job: the same PNGs as two single edits."""
     import json
 
-    import engine.pipeline as pl
+    import engine.pipelines.common as pl
     orig = pl.condition_size
     monkeypatch.setattr(pl, "condition_size", lambda w, h, area=None: orig(w, h, SMALL_AREA))
     random_image(100, 80, seed=4).save(tmp_path / "a.png")
@@ -127,7 +127,7 @@ def test_cli_batch_equals_single_edits(text_snapshot, tmp_path, monkeypatch, cap
 
 def test_planner_sizes_the_text_from_the_prompt(text_snapshot):
     """The plan's text sizes come from tokenizing (no model): the same length encode_text produces."""
-    from engine.budget import make_plan, prompt_lengths
+    from engine.pipelines.budget import make_plan, prompt_lengths
     image = random_image(120, 90, seed=3)
     prompts = ["put a red hat on the cat 🎩, keep the rest", " "]
     text_len, vl_tokens = prompt_lengths(text_snapshot, image, prompts, area=SMALL_AREA)

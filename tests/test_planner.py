@@ -4,12 +4,12 @@ import re
 import pytest
 
 from engine.config import MMDiTConfig, VAEConfig
-from engine.offload import stream_blocks
-from engine.memory import GiB, Job, model_sizes_from_configs
-from engine.planner import (MARGIN_FIXED, LoadError, need, parse_size, plan,
+from engine.vram.offload import stream_blocks
+from engine.vram.memory import GiB, Job, model_sizes_from_configs
+from engine.vram.planner import (MARGIN_FIXED, LoadError, need, parse_size, plan,
                             smallest_budget)
-from engine.text_encoder import TextConfig
-from engine.vision import VisionConfig
+from engine.models.text_encoder import TextConfig
+from engine.models.vision import VisionConfig
 
 EDIT_1K = Job(1024, 1024)                           # CFG: batch 2
 EDIT_4K = Job(4096, 3072, batch=1)                  # 1 MP condition, no CFG
@@ -43,8 +43,8 @@ def test_80gib_keeps_everything_resident(sizes):
 
 
 def test_16gib_streams_some(sizes):
-    from engine.memory import decode_peak, denoise_peak, encode_peak
-    from engine.planner import VAE_TILES
+    from engine.vram.memory import decode_peak, denoise_peak, encode_peak
+    from engine.vram.planner import VAE_TILES
     p = plan(16 * GiB, EDIT_1K, sizes)
     r = p.mmdit_resident
     assert 0 < r < 57 and p.streamed_per_step == p.mmdit_streamed * sizes.stream_bytes
@@ -71,7 +71,7 @@ def test_6gib_4k_streams_and_tiles(sizes):
 def test_cfg_splits_only_when_batched_does_not_fit(sizes):
     from dataclasses import replace
 
-    from engine.memory import CFG_SPLITS, denoise_peak
+    from engine.vram.memory import CFG_SPLITS, denoise_peak
     job = replace(EDIT_4K_CFG, steps=2)
     chosen = {}
     for gib in (16, 7, 5.25):
@@ -142,7 +142,7 @@ def test_without_text_encoder(sizes):
 
 def test_sizes_match_what_streaming_moves():
     """The planner's per-block bytes are what a StreamHandle's slot holds, up to alignment padding."""
-    from engine.mmdit import MMDiT
+    from engine.models.mmdit import MMDiT
     cfg = MMDiTConfig(num_layers=3, attention_head_dim=32, num_attention_heads=2, joint_attention_dim=48,
                       axes_dims_rope=(8, 12, 12))
     sizes = model_sizes_from_configs(cfg, None, VAEConfig(), 4)

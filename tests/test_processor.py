@@ -14,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.processor import (EDIT_TEMPLATE, ImageConfig, Processor, PromptError, preprocess_image,
+from engine.text.processor import (EDIT_TEMPLATE, ImageConfig, Processor, PromptError, preprocess_image,
                               prompt_image_size, resize_prompt_image)
-from engine.tokenizer import Tokenizer
+from engine.text.tokenizer import Tokenizer
 
 HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
 TEXTS = [

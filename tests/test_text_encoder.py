@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine.processor import EDIT_TEMPLATE, Processor, PromptError
-from engine.text_encoder import encode_prompts, load_text_encoder, read_config
+from engine.text.processor import EDIT_TEMPLATE, Processor, PromptError
+from engine.models.text_encoder import encode_prompts, load_text_encoder, read_config
 from loaders import LoadError
 from tests.test_processor import random_image, reference_processor, write_image_config, write_tokenizer_folders
 

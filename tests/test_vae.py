@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from engine.vae import QwenImageVAE, load_vae
+from engine.models.vae import QwenImageVAE, load_vae
 from loaders import LoadError, Snapshot, save_component
 from loaders.vae_layout import to_2d, to_3d
 

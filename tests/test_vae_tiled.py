@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from engine.config import VAEConfig
-from engine.vae import QwenImageVAE, decoder_halo, encoder_halo, tiled
+from engine.models.vae import QwenImageVAE, decoder_halo, encoder_halo, tiled
 from tests.test_vae import _randomize
 
 TOL = 1e-4     # max abs diff at float32; reached <= 3.5e-6 (conv algorithms differ with the crop size)
@@ -80,7 +80,7 @@ def test_halo_is_exact_and_tight():
 def test_bytes_estimate():
     with torch.device("meta"):
         vae = QwenImageVAE(VAEConfig())
-    from engine.memory import activation_bytes
+    from engine.vram.memory import activation_bytes
     est = lambda tile, dtype=torch.bfloat16: activation_bytes(vae.cfg, 128, 128, tile, dtype)
     whole = est(None)
     assert whole > est(64) > est(32) > 0

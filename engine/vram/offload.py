@@ -285,7 +285,7 @@ def _on_device(modules, device):
 
 
 def modulation_table_streamed(model, timesteps, device, names=("img_mod", "txt_mod")):
-    """engine.mmdit.modulation_table for a model whose modulation weights stay on the host (skipped by
+    """engine.models.mmdit.modulation_table for a model whose modulation weights stay on the host (skipped by
     stream_blocks): each block's img_mod/txt_mod visit `device` once, for all steps, then leave. Same
     shapes and order of operations per (step, block) as modulation_table, so the same table bit for bit.
     Needs the non-block weights (time_text_embed) on `device` and `timesteps` there too."""

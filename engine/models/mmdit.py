@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from loaders import LoadError, assign
 
-from . import ops
-from .config import MMDiTConfig
+from engine import ops
+from engine.config import MMDiTConfig
 
 
 class RMSNorm(nn.Module):

@@ -1,6 +1,6 @@
 """Memory model: the bytes each stage of an edit holds on the GPU, from the configs alone (no CUDA calls).
 
-engine.planner chooses with it; benchmarks/bench_offload.py and calibrate_vae.py check it against measured
+engine.vram.planner chooses with it; benchmarks/bench_offload.py and calibrate_vae.py check it against measured
 peaks (H100, benchmarks/RESULTS.md: no stage above its prediction by more than 4% but per-row CFG, 7%
 before the correction below; the text stage over-predicted by up to 17%).
 
@@ -28,12 +28,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import VAEConfig
-from .mmdit import MMDiT, Block
-from .processor import MAX_PROMPT_TOKENS, TEMPLATE_DROP
-from .text_encoder import DecoderLayer, TextEncoder
-from .vae import QwenImageVAE, _decoder_dims, _encoder_dims, decoder_halo, encoder_halo
-from .vision import VisionBlock, VisionConfig
+from engine.config import VAEConfig
+from engine.models.mmdit import MMDiT, Block
+from engine.text.processor import MAX_PROMPT_TOKENS, TEMPLATE_DROP
+from engine.models.text_encoder import DecoderLayer, TextEncoder
+from engine.models.vae import QwenImageVAE, _decoder_dims, _encoder_dims, decoder_halo, encoder_halo
+from engine.models.vision import VisionBlock, VisionConfig
 
 MiB, GiB = 2 ** 20, 2 ** 30
 VL_MAX_TOKENS = 1280        # the processor's default max_pixels = 28 * 28 * 1280
@@ -77,7 +77,7 @@ def _bytes(module, dtype_bytes):
 
 def model_sizes_from_configs(mmdit_cfg, text_cfg, vae_cfg, dtype_bytes=2):
     """Byte counts from the configs, by building one block of each kind on the meta device (no memory).
-    text_cfg: (TextConfig, VisionConfig) as engine.text_encoder.read_config returns, a TextConfig (default
+    text_cfg: (TextConfig, VisionConfig) as engine.models.text_encoder.read_config returns, a TextConfig (default
     vision tower), or None when the job brings its own prompt embeddings."""
     with torch.device("meta"):
         block = Block(mmdit_cfg)

@@ -10,7 +10,7 @@ runs them; the text encoder has left the GPU before the MMDiT and VAE arrive:
 without img_mod/txt_mod (the modulation table replaces them, so they never travel per step; one block's
 pair visits the GPU while the table is built). The VAE gets what is left: the largest tile that fits.
 
-Each stage's peak is engine.memory's model; the planner picks the plan that fits.
+Each stage's peak is engine.vram.memory's model; the planner picks the plan that fits.
 Margin: need = 1.05 x peak + 1056 MiB <= budget. The fixed part is what the process holds outside torch's
 allocator: the CUDA context, cuBLAS/cuDNN handles and loaded kernels (measured on an H100 with torch 2.11:
 0.62 GiB after the text encoder, 0.75 GiB once the MMDiT and VAE kernels have run; 800 MiB kept), plus the
@@ -38,7 +38,7 @@ import torch
 
 from loaders import LoadError
 
-from .memory import CFG_SPLITS, GiB, MiB, decode_peak, denoise_peak, encode_peak, text_peak
+from engine.vram.memory import CFG_SPLITS, GiB, MiB, decode_peak, denoise_peak, encode_peak, text_peak
 
 MARGIN_FRACTION, MARGIN_FIXED = 0.05, 1056 * MiB
 VAE_TILES = (None, 256, 192, 128, 96, 64, 48, 32, 16)  # latent px, preferred first

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from loaders import LoadError
 
-from . import ops
+from engine import ops
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,11 @@ from PIL import Image
 
 from loaders import LoadError, Snapshot, torch_dtype
 
-from . import scheduler as sched
-from .config import RunOptions, SchedulerConfig
-from .mmdit import MMDiT, load_mmdit, mask_to_lengths
-from .offload import modulation_table_streamed, move_except, move_except_modulation, stream_blocks
-from .vae import QwenImageVAE, load_vae, to_device as vae_to_device
+from engine import scheduler as sched
+from engine.config import RunOptions, SchedulerConfig
+from engine.models.mmdit import MMDiT, load_mmdit, mask_to_lengths
+from engine.vram.offload import modulation_table_streamed, move_except, move_except_modulation, stream_blocks
+from engine.models.vae import QwenImageVAE, load_vae, to_device as vae_to_device
 
 @dataclass
 class EditModels:
@@ -25,8 +25,8 @@ class EditModels:
     scheduler: SchedulerConfig
     device: str
     dtype: torch.dtype
-    plan: object = None         # engine.planner.Plan when a VRAM budget is in force
-    stream: object = None       # engine.offload.StreamHandle of the transformer blocks; .remove() unpins
+    plan: object = None         # engine.vram.planner.Plan when a VRAM budget is in force
+    stream: object = None       # engine.vram.offload.StreamHandle of the transformer blocks; .remove() unpins
     timings: dict = field(default_factory=dict)
     peaks: dict = field(default_factory=dict)   # stage -> (VRAM allocated, reserved) at its peak; CUDA only
 
@@ -87,8 +87,8 @@ def encode_text(model_dir, image, prompts, device="cpu", dtype="float32", area=1
 
 def encode_texts(model_dir, jobs, device="cpu", dtype="float32", area=1024 * 1024, resize="pil", plan=None):
     """encode_text for many (image, prompts) jobs with one load of the text encoder."""
-    from .processor import load_processor
-    from .text_encoder import load_text_encoder
+    from engine.text.processor import load_processor
+    from engine.models.text_encoder import load_text_encoder
     snap = Snapshot(model_dir)
     snap.require("text_encoder")
     processor = load_processor(snap, resize=resize)
@@ -105,7 +105,7 @@ def run_text_encoder(processor, te, jobs, device, area=1024 * 1024, plan=None):
     """encode_texts with a built text encoder (on `device`, or on the host when a plan streams it). With a
     plan, the streamed layers' hooks and pinned host buffers are released before returning (errors too);
     the caller drops `te` to free its device memory."""
-    from .text_encoder import encode_prompts
+    from engine.models.text_encoder import encode_prompts
     handles = []
     try:
         if plan is not None:

@@ -22,7 +22,7 @@ from PIL import Image
 
 from loaders import LoadError, Snapshot, read_json
 
-from .tokenizer import Tokenizer
+from engine.text.tokenizer import Tokenizer
 
 EDIT_TEMPLATE = (
     "<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, objects, "

@@ -19,10 +19,10 @@ import torch.nn as nn
 from loaders import LoadError, Snapshot, assign, torch_dtype
 from loaders.text_encoder_layout import convert_text_encoder_state
 
-from . import ops
-from .processor import TEMPLATE_DROP, Processor
-from .tokenizer import Tokenizer
-from .vision import RMSNorm, SwiGLU, VisionConfig, VisionTower, rotate_half
+from engine import ops
+from engine.text.processor import TEMPLATE_DROP, Processor
+from engine.text.tokenizer import Tokenizer
+from engine.models.vision import RMSNorm, SwiGLU, VisionConfig, VisionTower, rotate_half
 
 
 @dataclass(frozen=True)
