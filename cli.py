@@ -1,4 +1,5 @@
-"""Command line: edit, demo, inspect. Thin: argparse -> engine; one-line errors, non-zero exit."""
+"""Command line: edit, encode, batch, demo, inspect, bench. Thin: argparse -> engine; one-line errors,
+non-zero exit."""
 import argparse
 import os
 import sys
@@ -18,7 +19,14 @@ def _cache_dir():
 
 def _add_run_args(p):
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--cfg", type=float, default=4.0, help="true CFG scale (needs negative embeddings)")
+    p.add_argument("--cfg", type=float, default=4.0, help="true CFG scale (needs negative embeddings); 1: off")
+    p.add_argument("--sampler", default="default", choices=["default", "lightning"],
+                   help="default: the snapshot's scheduler; lightning: the schedule of the Lightning LoRAs "
+                        "(use with their --steps 4 or 8 and --cfg 1)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="a LoRA fused into the transformer on load (repeatable; SCALE default 1)")
+    p.add_argument("--transformer", metavar="FILE.safetensors",
+                   help="the transformer from one file (ComfyUI/single-file layout) instead of the snapshot's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--width", type=int, default=None, help="output width (default: the ~1 MP condition size)")
     p.add_argument("--height", type=int, default=None)
@@ -60,39 +68,44 @@ def _dtype(args):
     return args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
 
 
-def _text_sizes(model_dir, image, args, tensors, cfg_batch):
+def _text_sizes(model_dir, images, args, tensors, cfg_batch):
     from engine.pipelines.budget import text_sizes
     embeds = [t for k, t in (tensors or {}).items() if k in ("prompt_embeds", "negative_prompt_embeds")]
-    return text_sizes(model_dir, image, [args.prompt] + ([args.negative_prompt] if cfg_batch > 1 else []), embeds)
+    return text_sizes(model_dir, images, [args.prompt] + ([args.negative_prompt] if cfg_batch > 1 else []), embeds)
 
 
-def _plan(model_dir, image, args, text_encoder, cfg_batch, tensors=None):
+def _plan(model_dir, images, args, text_encoder, cfg_batch, tensors=None):
     """The VRAM plan when --vram or --offload is given (CUDA only), else None: everything on the device."""
-    args.job = (model_dir, image, cfg_batch, text_encoder, tensors)   # for the out-of-memory advice
+    args.job = (model_dir, images, cfg_batch, text_encoder, tensors)   # for the out-of-memory advice
     if getattr(args, "vram", None) is None and getattr(args, "offload", None) is None:
         return None
     from engine.pipelines.budget import make_plan, resolve_budget
     if args.device != "cuda":
         raise _input_error("--vram/--offload plan GPU memory; use them with --device cuda")
     budget = resolve_budget(args.vram)
-    text_len, vl_tokens = _text_sizes(model_dir, image, args, tensors, cfg_batch)
-    p = make_plan(model_dir, image.size, getattr(args, "width", None), getattr(args, "height", None), cfg_batch,
+    text_len, vl_tokens = _text_sizes(model_dir, images, args, tensors, cfg_batch)
+    p = make_plan(model_dir, images, getattr(args, "width", None), getattr(args, "height", None), cfg_batch,
                   text_encoder, budget, args.offload or "auto", _dtype(args), steps=args.steps, text_len=text_len,
                   vl_tokens=vl_tokens)
     print(p.summary(), file=sys.stderr)
     return p
 
 
-def _encode(model_dir, image, args, plan=None):
-    """--prompt/--negative-prompt -> the tensors an embeddings file holds."""
-    from engine.pipelines.common import encode_text
-    t0 = time.perf_counter()
-    use_negative = args.negative_prompt is not None and getattr(args, "cfg", 2.0) > 1
-    prompts = [args.prompt] + ([args.negative_prompt] if use_negative else [])
-    rows = encode_text(model_dir, image, prompts, device=args.device, dtype=_dtype(args), plan=plan)
+def _rows_to_tensors(rows):
     tensors = {"prompt_embeds": rows[0][0], "prompt_embeds_mask": rows[0][1]}
     if len(rows) > 1:
         tensors.update(negative_prompt_embeds=rows[1][0], negative_prompt_embeds_mask=rows[1][1])
+    return tensors
+
+
+def _encode(model_dir, images, args, plan=None):
+    """--prompt/--negative-prompt -> the tensors an embeddings file holds."""
+    from engine.pipelines.text import encode_text
+    t0 = time.perf_counter()
+    use_negative = args.negative_prompt is not None and getattr(args, "cfg", 2.0) > 1
+    prompts = [args.prompt] + ([args.negative_prompt] if use_negative else [])
+    rows = encode_text(model_dir, images, prompts, device=args.device, dtype=_dtype(args), plan=plan)
+    tensors = _rows_to_tensors(rows)
     print(f"encoded {len(prompts)} prompt(s): {[r[0].shape[1] for r in rows]} tokens "
           f"({time.perf_counter() - t0:.2f}s)", file=sys.stderr)
     return tensors
@@ -106,19 +119,23 @@ def _read_embeds(embeds_file):
     return tensors
 
 
-def _run_edit(model_dir, image, tensors, args, plan=None):
-    from engine.pipelines.common import load_models
-    models = load_models(model_dir, device=args.device, dtype=_dtype(args), plan=plan)
-    _edit_one(models, image, tensors, args, args.out, args.force)
-    print(models.memory_summary())
+def _load(model_dir, args, loras, plan=None):
+    from engine.pipelines.load import load_models
+    models = load_models(model_dir, device=args.device, dtype=_dtype(args), plan=plan, loras=loras,
+                         transformer_file=args.transformer)
+    for line in models.source.get("notes", []):
+        print(f"note: {line}", file=sys.stderr)
+    return models
 
 
-def _edit_one(models, image, tensors, job, out_path, force):
-    """One edit with loaded models; job carries steps, cfg, seed, width, height."""
+def _edit_one(models, images, tensors, job, out_path, force):
+    """One edit with loaded models; job carries steps, cfg, seed, width, height, sampler and what the
+    PNG's text records (prompt or prompt_embeds, negative_prompt, image paths)."""
     from tqdm import tqdm
 
     from engine.config import RunOptions
     from engine.pipelines.common import edit
+    from engine.pipelines.metadata import png_text
     from loaders import LoadError, write_png
 
     joint = models.transformer.cfg.joint_attention_dim
@@ -126,79 +143,109 @@ def _edit_one(models, image, tensors, job, out_path, force):
         if k in tensors and tensors[k].shape[-1] != joint:
             raise LoadError(f"{k} is {tensors[k].shape[-1]} wide, the transformer expects {joint}; "
                             "were the embeddings made with this snapshot's text encoder?")
-    opts = RunOptions(steps=job.steps, cfg=job.cfg, seed=job.seed, width=job.width, height=job.height)
+    opts = RunOptions(steps=job.steps, cfg=job.cfg, seed=job.seed, width=job.width, height=job.height,
+                      sampler=job.sampler)
+    cfg_on = "negative_prompt_embeds" in tensors and job.cfg > 1
     if "negative_prompt_embeds" not in tensors and job.cfg > 1:
         print("note: no negative prompt embeddings, so CFG is off", file=sys.stderr)
     bar = tqdm(total=job.steps, desc="denoise", unit="step", file=sys.stderr)
     try:
-        out = edit(models, image, tensors["prompt_embeds"], tensors.get("prompt_embeds_mask"),
+        out = edit(models, images, tensors["prompt_embeds"], tensors.get("prompt_embeds_mask"),
                    tensors.get("negative_prompt_embeds"), tensors.get("negative_prompt_embeds_mask"),
                    opts, progress=lambda i: bar.update(1))
     finally:
         bar.close()
-    write_png(out, out_path, force=force)
+    write_png(out, out_path, force=force, text=png_text(models, job, out.size, cfg_on))
     line = " ".join(f"{k} {v:.2f}s" for k, v in models.timings.items())
     print(f"wrote {out_path} ({out.width}x{out.height}); {line}")
 
 
+def _loras(texts):
+    """--lora FILE[:SCALE] values -> [(path, scale)], each file checked (readable, a LoRA) before any work."""
+    if not texts:
+        return []
+    from engine.transforms.lora import parse_lora_arg
+    from loaders.lora import read_lora
+    loras = [parse_lora_arg(t) for t in texts]
+    for path, _ in loras:
+        read_lora(path)
+    return loras
+
+
+def _images(paths, model_dir):
+    """--image paths -> RGB images, their count checked against the snapshot's pipeline first."""
+    from engine.pipelines import pipeline_for
+    from loaders import read_image
+    pipeline_for(model_dir).check_images(len(paths))
+    return [read_image(p) for p in paths]
+
+
 def cmd_batch(args):
-    """Every line checked and every image read first; then one text-encoder load for all prompts, one
-    transformer load for all edits."""
+    """Every line checked and every image read first; then one text-encoder load for all prompts, and one
+    transformer load per distinct set of LoRAs (in the order the lines first name them)."""
     from types import SimpleNamespace
 
-    from engine.pipelines.common import encode_texts, load_models
-    from loaders import read_image
+    from engine.pipelines.text import encode_texts
     from loaders.jobs import read_jobs
     if args.out or args.vram or args.offload:
         raise _input_error("batch takes each output from its job line, and does not plan VRAM (no --out/--vram)")
-    jobs = [SimpleNamespace(**{**{k: getattr(args, k) for k in ("steps", "cfg", "seed", "width", "height",
-                                                                "negative_prompt")}, **j})
-            for j in read_jobs(args.jobs, force=args.force)]
+    defaults = {k: getattr(args, k) for k in ("steps", "cfg", "seed", "width", "height", "negative_prompt",
+                                              "sampler", "lora")}
+    jobs = [SimpleNamespace(**{**defaults, **j}) for j in read_jobs(args.jobs, force=args.force)]
     for j in jobs:
         _check_run(j)
-    images = [read_image(j.image) for j in jobs]
+        j.loras = tuple(_loras(j.lora))
+    images = [_images(j.images, args.model) for j in jobs]
     tensors = [_read_embeds(j.prompt_embeds) if getattr(j, "prompt_embeds", None) else None for j in jobs]
     text = [i for i, t in enumerate(tensors) if t is None]
     if text:
         prompts = [[jobs[i].prompt] + ([jobs[i].negative_prompt] if jobs[i].cfg > 1 else []) for i in text]
         encoded = encode_texts(args.model, [(images[i], p) for i, p in zip(text, prompts)], args.device, _dtype(args))
         for i, rows in zip(text, encoded):
-            tensors[i] = {"prompt_embeds": rows[0][0], "prompt_embeds_mask": rows[0][1]}
-            if len(rows) > 1:
-                tensors[i].update(negative_prompt_embeds=rows[1][0], negative_prompt_embeds_mask=rows[1][1])
-    models = load_models(args.model, device=args.device, dtype=_dtype(args))
-    for j, image, t in zip(jobs, images, tensors):
-        _edit_one(models, image, t, j, j.out, args.force)
-    print(models.memory_summary())
+            tensors[i] = _rows_to_tensors(rows)
+    for loras in dict.fromkeys(j.loras for j in jobs):
+        models = _load(args.model, args, list(loras))
+        for j, ims, t in zip(jobs, images, tensors):
+            if j.loras == loras:
+                _edit_one(models, ims, t, j, j.out, args.force)
+        print(models.memory_summary())
+        del models
 
 
 def _check_run(args):
     if args.steps < 1:
         raise _input_error(f"--steps must be at least 1, got {args.steps}")
+    if not args.cfg == args.cfg or args.cfg < 0:   # NaN or negative
+        raise _input_error(f"--cfg must be a number >= 0 (1 turns CFG off), got {args.cfg}")
+    if args.sampler == "lightning" and args.cfg > 1:
+        print("note: the Lightning LoRAs are distilled for --cfg 1; CFG doubles each step's work", file=sys.stderr)
 
 
 def cmd_edit(args):
-    from loaders import read_image
     _check_out(args)
     _check_run(args)
     if (args.prompt is None) == (args.prompt_embeds is None):
         raise _input_error("give exactly one of --prompt TEXT or --prompt-embeds FILE")
-    image = read_image(args.image)
+    images = _images(args.image, args.model)
+    loras = _loras(args.lora)
     tensors = _read_embeds(args.prompt_embeds) if args.prompt_embeds else None
     cfg_batch = 2 if args.cfg > 1 and (tensors is None or "negative_prompt_embeds" in tensors) else 1
-    plan = _plan(args.model, image, args, text_encoder=tensors is None, cfg_batch=cfg_batch, tensors=tensors)
+    plan = _plan(args.model, images, args, text_encoder=tensors is None, cfg_batch=cfg_batch, tensors=tensors)
     if tensors is None:
-        tensors = _encode(args.model, image, args, plan)
-    _run_edit(args.model, image, tensors, args, plan)
+        tensors = _encode(args.model, images, args, plan)
+    args.images = args.image
+    models = _load(args.model, args, loras, plan)
+    _edit_one(models, images, tensors, args, args.out, args.force)
+    print(models.memory_summary())
 
 
 def cmd_encode(args):
-    from loaders import read_image, write_tensors
+    from loaders import write_tensors
     if Path(args.out).exists() and not args.force:
         raise _input_error(f"{args.out} exists; pass --force to overwrite it or choose another --out")
     if not args.out.endswith(".safetensors"):
         raise _input_error(f"--out {args.out} must end in .safetensors")
-    tensors = _encode(args.model, read_image(args.image), args)
+    tensors = _encode(args.model, _images(args.image, args.model), args)
     write_tensors(tensors, args.out, force=args.force)
     print(f"wrote {args.out}: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items()))
 
@@ -213,14 +260,25 @@ def cmd_demo(args):
     print(f"demo snapshot (random weights) {'written to' if fresh else 'cached at'} {root} "
           f"({time.perf_counter() - t0:.2f}s)")
     _check_run(args)
-    image = sample_image()
+    images = [sample_image()]
     tensors = _read_embeds(root / "demo_prompt.safetensors")
-    plan = _plan(root, image, args, text_encoder=False, cfg_batch=2 if args.cfg > 1 else 1, tensors=tensors)
-    _run_edit(root, image, tensors, args, plan)
+    plan = _plan(root, images, args, text_encoder=False, cfg_batch=2 if args.cfg > 1 else 1, tensors=tensors)
+    args.prompt_embeds, args.images = "demo_prompt.safetensors", ["(built-in sample image)"]
+    models = _load(root, args, _loras(args.lora), plan)
+    _edit_one(models, images, tensors, args, args.out, args.force)
+    print(models.memory_summary())
 
 
 def cmd_inspect(args):
     from loaders import describe
+    if Path(args.model).is_file() and Path(args.model).suffix.lower() == ".png":
+        from loaders import read_png_text
+        text = read_png_text(args.model)
+        if not text:
+            print(f"{args.model}: no parameters in this PNG (not written by this engine, or stripped)")
+        for k, v in text.items():
+            print(f"{k}: {v}")
+        return
     snap, rows = describe(args.model)
     print(f"{snap.root}: {snap.pipeline_class()}")
     for r in rows:
@@ -242,11 +300,12 @@ def cmd_bench(args):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="cli.py", description="Qwen-Image-Edit, locally.")
+    p = argparse.ArgumentParser(prog="cli.py", description="Qwen-Image-Edit (and 2509/2511), locally.")
     sub = p.add_subparsers(dest="cmd", required=True)
-    e = sub.add_parser("edit", help="edit an image")
-    e.add_argument("--model", required=True, help="snapshot folder of Qwen/Qwen-Image-Edit")
-    e.add_argument("--image", required=True)
+    e = sub.add_parser("edit", help="edit an image (or several, for Edit-2509/2511)")
+    e.add_argument("--model", required=True, help="snapshot folder of Qwen/Qwen-Image-Edit(-2509/-2511)")
+    e.add_argument("--image", required=True, action="append",
+                   help="the image to edit; repeat for Edit-2509/2511's Picture 1, 2, 3 (in order)")
     e.add_argument("--prompt", help="the edit instruction")
     e.add_argument("--negative-prompt", default=" ", help='negative prompt for true CFG (default " ")')
     e.add_argument("--prompt-embeds", help="instead of --prompt: a file from `encode` (prompt_embeds, _mask, negative_*)")
@@ -254,9 +313,11 @@ def build_parser():
     e.set_defaults(fn=cmd_edit)
     c = sub.add_parser("encode", help="encode a prompt (+ negative) with the text encoder, for --prompt-embeds")
     c.add_argument("--model", required=True)
-    c.add_argument("--image", required=True, help="the image to be edited (the VL model sees it)")
+    c.add_argument("--image", required=True, action="append",
+                   help="the image(s) to be edited, in order (the VL model sees them)")
     c.add_argument("--prompt", required=True)
     c.add_argument("--negative-prompt", default=" ")
+    c.add_argument("--cfg", type=float, default=4.0, help="1: no negative prompt is encoded")
     c.add_argument("--device", default="cuda" if _cuda() else "cpu", choices=["cpu", "cuda"])
     c.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     c.add_argument("--out", required=True, help="output .safetensors")
@@ -266,8 +327,8 @@ def build_parser():
     _add_run_args(d)
     d.set_defaults(fn=cmd_demo, steps=4, width=768, height=512)
     j = sub.add_parser("batch", help="many edits from a jobs.jsonl with one model load (see loaders/jobs.py)")
-    j.add_argument("jobs", help="one JSON object per line: image, out, prompt or prompt_embeds, optional "
-                   "negative_prompt/seed/steps/cfg/width/height (defaults from the flags below)")
+    j.add_argument("jobs", help="one JSON object per line: image or images, out, prompt or prompt_embeds, optional "
+                   "negative_prompt/seed/steps/cfg/width/height/sampler/lora (defaults from the flags below)")
     j.add_argument("--model", required=True)
     j.add_argument("--negative-prompt", default=" ")
     _add_run_args(j)
@@ -276,8 +337,8 @@ def build_parser():
     b.add_argument("suite", choices=["kernels", "e2e"])
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(fn=cmd_bench)
-    i = sub.add_parser("inspect", help="what a snapshot holds")
-    i.add_argument("model")
+    i = sub.add_parser("inspect", help="what a snapshot holds, or the parameters an output PNG records")
+    i.add_argument("model", help="a snapshot folder or an output .png")
     i.set_defaults(fn=cmd_inspect)
     return p
 
@@ -289,9 +350,9 @@ def _oom_advice(args):
     try:
         from engine.pipelines.budget import least_budget
         from engine.vram.planner import gib_up
-        model_dir, image, cfg_batch, text_encoder, tensors = args.job
-        least = gib_up(least_budget(model_dir, image.size, args.width, args.height, cfg_batch, text_encoder,
-                                    _dtype(args), args.steps, *_text_sizes(model_dir, image, args, tensors, cfg_batch)))
+        model_dir, images, cfg_batch, text_encoder, tensors = args.job
+        least = gib_up(least_budget(model_dir, images, args.width, args.height, cfg_batch, text_encoder,
+                                    _dtype(args), args.steps, *_text_sizes(model_dir, images, args, tensors, cfg_batch)))
     except Exception:
         return generic
     if getattr(args, "vram", None) or getattr(args, "offload", None):

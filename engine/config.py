@@ -114,4 +114,5 @@ class RunOptions:
     width: int = None
     height: int = None
     sigmas: list = field(default=None)
+    sampler: str = "default"            # engine.scheduler.SAMPLERS
     condition_area: int = 1024 * 1024  # pixels the condition image is resized to (the reference's ~1 MP)

@@ -44,3 +44,20 @@ def sigmas_for(cfg: SchedulerConfig, steps, mu=None, sigmas=None):
 def euler_step(sample, velocity, sigma, sigma_next):
     """x_{next} = x + (sigma_next - sigma) * v, computed in float32, returned in velocity's dtype."""
     return (sample.float() + (sigma_next - sigma) * velocity).to(velocity.dtype)
+
+
+# The schedule the Qwen-Image-Lightning LoRAs were distilled with: no shift at any resolution (exp(mu) = 3
+# whatever the token count), no terminal stretch.
+LIGHTNING = SchedulerConfig(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=math.log(3),
+                            max_shift=math.log(3), base_image_seq_len=256, max_image_seq_len=8192,
+                            shift_terminal=None, time_shift_type="exponential")
+SAMPLERS = ("default", "lightning")
+
+
+def sampler_config(name, default: SchedulerConfig):
+    """--sampler NAME -> the scheduler config to run: "default" is the snapshot's."""
+    if name == "default":
+        return default
+    if name == "lightning":
+        return LIGHTNING
+    raise ValueError(f"unknown sampler {name!r}; use one of {', '.join(SAMPLERS)}")

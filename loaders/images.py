@@ -59,7 +59,28 @@ def to_rgb(img):
     return img.convert("RGB")
 
 
-def write_png(img, path, force=False):
+def write_png(img, path, force=False, text=None):
+    """PNG written atomically; text: {key: str} stored as PNG text chunks (UTF-8 iTXt where needed)."""
+    from PIL.PngImagePlugin import PngInfo
+    info = None
+    if text:
+        info = PngInfo()
+        for k, v in text.items():
+            info.add_itxt(k, v) if any(ord(c) > 255 for c in v) else info.add_text(k, v)
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
+    img.save(buf, format="PNG", pnginfo=info)
     atomic_write_bytes(path, buf.getvalue(), force=force)
+
+
+def read_png_text(path):
+    """The text chunks of a PNG: {key: str}."""
+    try:
+        with Image.open(path) as img:
+            if img.format != "PNG":
+                raise LoadError(f"{path} is a {img.format} file, not a PNG")
+            img.load()
+            return dict(getattr(img, "text", {}) or {})
+    except LoadError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise LoadError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None

@@ -4,12 +4,27 @@ from pathlib import Path
 
 from .safetensors_io import LoadError
 
-FIELDS = {"image", "out", "prompt", "negative_prompt", "prompt_embeds", "seed", "steps", "cfg", "width", "height"}
+FIELDS = {"image", "images", "out", "prompt", "negative_prompt", "prompt_embeds", "seed", "steps", "cfg", "width",
+          "height", "sampler", "lora"}
+TYPES = {"seed": int, "steps": int, "cfg": (int, float), "width": int, "height": int, "prompt": str,
+         "negative_prompt": str, "prompt_embeds": str, "out": str, "sampler": str}
+SAMPLERS = ("default", "lightning")
+
+
+def _strings(value, where, name):
+    """A string or a list of strings -> list of strings."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items or not all(isinstance(v, str) for v in items):
+        raise LoadError(f"{where}: {name} must be a string or a list of strings")
+    return items
 
 
 def read_jobs(path, force=False):
-    """Each line: {"image", "out", and "prompt" or "prompt_embeds"; optional "negative_prompt", "seed",
-    "steps", "cfg", "width", "height"}. Returns the list of dicts; any bad line is one LoadError naming it."""
+    """Each line: {"image" (a path) or "images" (a list, in Picture 1, 2, 3 order), "out", and "prompt" or
+    "prompt_embeds"; optional "negative_prompt", "seed", "steps", "cfg", "width", "height", "sampler",
+    "lora" ("FILE[:SCALE]" or a list of them; replaces the command line's --lora for that line)}. Returns
+    the list of dicts with "images" (and "lora", when given) as lists; any bad line is one LoadError
+    naming it."""
     path = Path(path)
     if not path.is_file():
         raise LoadError(f"{path} does not exist")
@@ -27,9 +42,17 @@ def read_jobs(path, force=False):
         unknown = sorted(set(job) - FIELDS)
         if unknown:
             raise LoadError(f"{where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(FIELDS))}")
-        missing = [k for k in ("image", "out") if k not in job]
-        if missing or (("prompt" in job) == ("prompt_embeds" in job)):
-            raise LoadError(f"{where}: needs image, out, and exactly one of prompt / prompt_embeds")
+        if ("image" in job) == ("images" in job) or "out" not in job or (("prompt" in job) == ("prompt_embeds" in job)):
+            raise LoadError(f"{where}: needs image (or images), out, and exactly one of prompt / prompt_embeds")
+        wrong = [k for k, t in TYPES.items() if k in job and (not isinstance(job[k], t) or isinstance(job[k], bool))]
+        if wrong:
+            raise LoadError(f"{where}: {', '.join(wrong)} has the wrong type (numbers for seed/steps/cfg/width/"
+                            "height, strings for the rest)")
+        if job.get("sampler", "default") not in SAMPLERS:
+            raise LoadError(f"{where}: sampler {job['sampler']!r} is not one of {', '.join(SAMPLERS)}")
+        job["images"] = _strings(job.pop("image", None) or job.get("images"), where, "images")
+        if "lora" in job:
+            job["lora"] = _strings(job["lora"], where, "lora")
         out = Path(job["out"])
         if out.suffix.lower() != ".png":
             raise LoadError(f"{where}: out {out} must end in .png")

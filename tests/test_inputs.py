@@ -153,9 +153,12 @@ def test_cli_errors_are_one_line(tmp_path, snap):
                 "--out", str(tmp_path / "exists.png"))
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--force" in r.stderr
     assert (tmp_path / "exists.png").read_bytes() == b"keep me"
-    r = run_cli("edit", "--model", str(tmp_path), "--image", str(tmp_path / "in.png"), "--prompt-embeds",
+    r = run_cli("edit", "--model", str(snap), "--image", str(tmp_path / "in.png"), "--prompt-embeds",
                 str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "o.png"))
     assert r.returncode == 2 and "does not exist" in r.stderr and r.stderr.count("\n") == 1
+    r = run_cli("edit", "--model", str(tmp_path), "--image", str(tmp_path / "in.png"), "--prompt", "x",
+                "--out", str(tmp_path / "o.png"))
+    assert r.returncode == 2 and "no model_index.json" in r.stderr and r.stderr.count("\n") == 1
     r = run_cli("inspect", str(tmp_path))
     assert r.returncode == 2 and "no model_index.json" in r.stderr
     r = run_cli("edit", "--model", str(snap), "--image", str(tmp_path / "in.png"), "--prompt", "x",

@@ -1,8 +1,11 @@
 """Prompt, image, seed -> PNG: our whole edit vs diffusers' QwenImageEditPipeline with its text encoder,
 on one tiny random snapshot (transformer, VAE, scheduler, Qwen2.5-VL, real Qwen tokenizer). CPU, float32."""
+import json
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import cli
 from engine.config import RunOptions
@@ -76,9 +79,9 @@ def test_long_prompt_refused_by_cli(text_snapshot, tmp_path, capsys):
 
 def test_cli_encode_then_edit_equals_prompt_edit(text_snapshot, tmp_path, monkeypatch):
     """`encode` writes what `edit --prompt-embeds` reads; both routes give the same PNG."""
-    import engine.pipelines.common as pl
-    orig = pl.condition_size  # the CLI's 1 MP condition is slow on a CPU
-    monkeypatch.setattr(pl, "condition_size", lambda w, h, area=None: orig(w, h, SMALL_AREA))
+    import engine.pipelines.spec as sp
+    orig = sp.condition_size  # the CLI's 1 MP condition is slow on a CPU
+    monkeypatch.setattr(sp, "condition_size", lambda w, h, area=None: orig(w, h, SMALL_AREA))
     random_image(100, 80, seed=4).save(tmp_path / "in.png")
     common = ["--model", str(text_snapshot), "--image", str(tmp_path / "in.png"), "--device", "cpu"]
     run = ["--steps", "2", "--seed", "5"]
@@ -86,16 +89,22 @@ def test_cli_encode_then_edit_equals_prompt_edit(text_snapshot, tmp_path, monkey
     assert cli.main(["edit", *common, *run, "--prompt-embeds", str(tmp_path / "e.safetensors"),
                      "--out", str(tmp_path / "a.png")]) == 0
     assert cli.main(["edit", *common, *run, "--prompt", "make it snowy", "--out", str(tmp_path / "b.png")]) == 0
-    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    a, b = Image.open(tmp_path / "a.png"), Image.open(tmp_path / "b.png")
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    # the PNG text says how each was made: the prompt, or the embeddings file it came from
+    meta_a, meta_b = json.loads(a.text["qwen_image_edit"]), json.loads(b.text["qwen_image_edit"])
+    assert meta_b["prompt"] == "make it snowy" and meta_a["prompt_embeds"] == "e.safetensors"
+    assert {k: v for k, v in meta_a.items() if k != "prompt_embeds"} == {k: v for k, v in meta_b.items() if k != "prompt"}
+    assert meta_b["seed"] == 5 and meta_b["steps"] == 2 and meta_b["negative_prompt"] == " " and meta_b["cfg"] == 4.0
 
 
 def test_cli_batch_equals_single_edits(text_snapshot, tmp_path, monkeypatch, capsys):
     """One model load for a prompt job and an embeddings job: the same PNGs as two single edits."""
     import json
 
-    import engine.pipelines.common as pl
-    orig = pl.condition_size
-    monkeypatch.setattr(pl, "condition_size", lambda w, h, area=None: orig(w, h, SMALL_AREA))
+    import engine.pipelines.spec as sp
+    orig = sp.condition_size
+    monkeypatch.setattr(sp, "condition_size", lambda w, h, area=None: orig(w, h, SMALL_AREA))
     random_image(100, 80, seed=4).save(tmp_path / "a.png")
     random_image(70, 90, seed=5).save(tmp_path / "b.png")
     common = ["--model", str(text_snapshot), "--device", "cpu"]

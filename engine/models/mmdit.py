@@ -267,13 +267,34 @@ def drop_modulation_weights(model):
     return freed
 
 
-def load_mmdit(snapshot, dtype, device):
-    cfg = MMDiTConfig.from_dict(snapshot.config("transformer"))
-    state = snapshot.weights("transformer", dtype=dtype)
+def _param_shapes(cfg):
     with torch.device("meta"):
-        model = MMDiT(cfg)
-    assign(model, state, "transformer")
-    return model.to(device).eval()
+        return {k: v.shape for k, v in MMDiT(cfg).state_dict().items()}
+
+
+def load_mmdit(snapshot, dtype, device, file=None):
+    """The MMDiT configured by the snapshot's transformer/config.json, its weights from transformer/*.safetensors
+    or, given `file`, from that one .safetensors (ComfyUI layout; transformer/ then needs only config.json).
+    model.source is None, or for a file read_transformer_file's info plus `overrides`: the config values the
+    file changed (an Edit-2511 marker turns zero_cond_t on)."""
+    from loaders.single_file import read_transformer_file
+
+    d = snapshot.config("transformer")
+    source, overrides = None, {}
+    if file is None:
+        state, where = snapshot.weights("transformer", dtype=dtype), "transformer"
+    else:
+        # zero_cond_t adds no parameter: the snapshot's config gives the shapes before the marker is known
+        state, source = read_transformer_file(file, dtype, _param_shapes(MMDiTConfig.from_dict(d)))
+        if source["index_timestep_zero"] and not d.get("zero_cond_t"):
+            overrides["zero_cond_t"] = True
+        source["overrides"], where = overrides, str(file)
+    with torch.device("meta"):
+        model = MMDiT(MMDiTConfig.from_dict({**d, **overrides}))
+    assign(model, state, where)
+    model = model.to(device).eval()
+    model.source = source
+    return model
 
 
 def mask_to_lengths(mask, where="prompt_embeds_mask"):

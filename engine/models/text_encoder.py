@@ -214,13 +214,14 @@ def load_text_encoder(snapshot, dtype=torch.bfloat16, device="cpu"):
 
 
 @torch.no_grad()
-def encode_prompts(processor, text_encoder, prompts, image):
-    """prompts (list of str) + the already-resized prompt image -> (embeds [B, L, D], mask [B, L] int64),
-    as QwenImageEditPipeline._get_qwen_prompt_embeds: each row's valid hidden states minus the first 64
-    template tokens, right-padded with zeros to the longest row."""
+def encode_prompts(processor, text_encoder, prompts, images, template=None):
+    """prompts (list of str) + the already-resized prompt image(s) -> (embeds [B, L, D], mask [B, L] int64),
+    as the edit pipelines' _get_qwen_prompt_embeds: each row's valid hidden states minus the first 64
+    template tokens, right-padded with zeros to the longest row. template: the pipeline's chat template
+    (default: the processor's)."""
     if isinstance(processor, Tokenizer):
         processor = Processor(processor)
-    inputs = processor(list(prompts), image)
+    inputs = processor(list(prompts), images, template)
     ids, lengths, _ = pack_rows(inputs["input_ids"], inputs["attention_mask"])
     hidden = text_encoder.forward_packed(ids, lengths, inputs["pixel_values"], inputs["image_grid_thw"])
     keep = (lengths - TEMPLATE_DROP).to(hidden.device)                 # [B]

@@ -24,13 +24,8 @@ from loaders import LoadError, Snapshot, read_json
 
 from engine.text.tokenizer import Tokenizer
 
-EDIT_TEMPLATE = (
-    "<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, objects, "
-    "background), then explain how the user's text instruction should alter or modify the image. Generate a new "
-    "image that meets the user's requirements while maintaining consistency with the original input where "
-    "appropriate.<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{}<|im_end|>\n"
-    "<|im_start|>assistant\n")
-TEMPLATE_DROP = 64          # leading template tokens whose hidden states the pipeline drops
+from engine.text.templates import EDIT_TEMPLATE, TEMPLATE_DROP  # noqa: F401 (re-exported)
+
 MAX_PROMPT_TOKENS = 1024    # templated text tokens (image tokens not counted) we accept
 IMAGE_TOKEN, VIDEO_TOKEN = "<|image_pad|>", "<|video_pad|>"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -164,8 +159,8 @@ def resize_prompt_image(image, area=1024 * 1024):
 
 
 class Processor:
-    """processor(prompts, image) -> dict(input_ids, attention_mask, pixel_values, image_grid_thw) for one
-    image shared by every prompt (image_grid_thw has one row)."""
+    """processor(prompts, images) -> dict(input_ids, attention_mask, pixel_values, image_grid_thw) for the
+    images shared by every prompt (image_grid_thw has one row per image)."""
 
     def __init__(self, tokenizer, image_cfg=ImageConfig(), resize="pil", template=EDIT_TEMPLATE):
         self.tokenizer, self.image_cfg, self.resize, self.template = tokenizer, image_cfg, resize, template
@@ -187,31 +182,40 @@ class Processor:
         image_cfg = ImageConfig.from_dict(read_json(config_path)) if config_path.is_file() else ImageConfig()
         return cls(Tokenizer.from_folder(tokenizer_folder), image_cfg, resize=resize)
 
-    def tokenize(self, prompts, n_image_tokens):
-        """Templated ids per prompt with the image placeholder expanded -> padded (input_ids, attention_mask)."""
+    def tokenize(self, prompts, n_image_tokens, template=None):
+        """Templated ids per prompt, the i-th image placeholder expanded to n_image_tokens[i] tokens ->
+        padded (input_ids, attention_mask)."""
+        template = template or self.template
+        counts = [n_image_tokens] if isinstance(n_image_tokens, int) else list(n_image_tokens)
         rows = []
         for i, prompt in enumerate(prompts):
             if IMAGE_TOKEN in prompt or VIDEO_TOKEN in prompt:
                 raise PromptError(f"prompt {i} contains {IMAGE_TOKEN} or {VIDEO_TOKEN}; remove it")
-            ids = self.tokenizer.encode(self.template.format(prompt))
+            ids = self.tokenizer.encode(template.format(prompt))
             where = [k for k, t in enumerate(ids) if t == self.image_token_id]
-            if len(where) != 1:
-                raise PromptError(f"the chat template must hold exactly one {IMAGE_TOKEN}, found {len(where)}")
-            if len(ids) - 1 > MAX_PROMPT_TOKENS:
-                raise PromptError(f"prompt {i} is {len(ids) - 1} tokens with the chat template (image not counted);"
-                                  f" the limit is {MAX_PROMPT_TOKENS}, shorten it")
-            k = where[0]
-            rows.append(ids[:k] + [self.image_token_id] * n_image_tokens + ids[k + 1:])
+            if len(where) != len(counts):
+                raise PromptError(f"the chat template must hold {len(counts)} {IMAGE_TOKEN} (one per image), "
+                                  f"found {len(where)}")
+            if len(ids) - len(counts) > MAX_PROMPT_TOKENS:
+                raise PromptError(f"prompt {i} is {len(ids) - len(counts)} tokens with the chat template (images "
+                                  f"not counted); the limit is {MAX_PROMPT_TOKENS}, shorten it")
+            row, start = [], 0
+            for k, n in zip(where, counts):
+                row += ids[start:k] + [self.image_token_id] * n
+                start = k + 1
+            rows.append(row + ids[start:])
         return self.tokenizer.pad(rows)
 
-    def __call__(self, prompts, image):
+    def __call__(self, prompts, images, template=None):
+        """prompts: str or list; images: one PIL image or a list (in template order), shared by every prompt."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        pixel_values, grid = preprocess_image(image, self.image_cfg, self.resize)
-        n_image_tokens = int(grid.prod()) // self.image_cfg.merge_size ** 2
-        input_ids, attention_mask = self.tokenize(prompts, n_image_tokens)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
-                "image_grid_thw": grid}
+        images = images if isinstance(images, (list, tuple)) else [images]
+        patches = [preprocess_image(im, self.image_cfg, self.resize) for im in images]
+        counts = [int(g.prod()) // self.image_cfg.merge_size ** 2 for _, g in patches]
+        input_ids, attention_mask = self.tokenize(prompts, counts, template)
+        return {"input_ids": input_ids, "attention_mask": attention_mask,
+                "pixel_values": torch.cat([p for p, _ in patches]), "image_grid_thw": torch.cat([g for _, g in patches])}
 
 
 def _has_tokenizer(folder):

@@ -106,7 +106,8 @@ def model_sizes_from_configs(mmdit_cfg, text_cfg, vae_cfg, dtype_bytes=2):
 
 @dataclass(frozen=True)
 class Job:
-    """One edit: output size, condition image size (VAE encode, condition tokens), batch (2 with CFG)."""
+    """One edit: output size, condition image size (the largest one VAE-encoded), batch (2 with CFG).
+    cond_tokens: the MMDiT's condition tokens of all images (default: one image of the condition size)."""
     width: int
     height: int
     cond_width: int = 1024
@@ -116,8 +117,11 @@ class Job:
     vl_tokens: int = None       # merged image tokens the VL model sees; default: the condition image's, capped
     steps: int = 50
     text_encoder: bool = True   # False: prompt embeddings come from a file
+    cond_tokens: int = None
 
     def __post_init__(self):
+        if self.cond_tokens is None:
+            object.__setattr__(self, "cond_tokens", (self.cond_width // 16) * (self.cond_height // 16))
         if self.vl_tokens is None:
             vl = math.ceil(self.cond_width / 28) * math.ceil(self.cond_height / 28)
             object.__setattr__(self, "vl_tokens", min(vl, VL_MAX_TOKENS))
@@ -126,7 +130,7 @@ class Job:
 
     @property
     def tokens(self):           # image tokens of the MMDiT: noisy + condition, 16 px per token
-        return (self.width // 16) * (self.height // 16) + (self.cond_width // 16) * (self.cond_height // 16)
+        return (self.width // 16) * (self.height // 16) + self.cond_tokens
 
     def describe(self):
         return f"{self.width}x{self.height} edit" + (" with CFG" if self.batch > 1 else "")

@@ -1,0 +1,92 @@
+"""Loading an edit's models from a snapshot (with an optional single-file transformer and LoRAs fused on
+load) and placing them on the device, streamed under a VRAM plan."""
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from loaders import LoadError, Snapshot, torch_dtype
+
+from engine.config import SchedulerConfig
+from engine.models.mmdit import MMDiT, load_mmdit
+from engine.models.vae import QwenImageVAE, load_vae, to_device as vae_to_device
+from engine.pipelines import pipeline_for
+from engine.pipelines.spec import EditSpec
+from engine.vram.offload import move_except, move_except_modulation, stream_blocks
+
+
+@dataclass
+class EditModels:
+    transformer: MMDiT
+    vae: QwenImageVAE
+    scheduler: SchedulerConfig
+    device: str
+    dtype: torch.dtype
+    plan: object = None         # engine.vram.planner.Plan when a VRAM budget is in force
+    stream: object = None       # engine.vram.offload.StreamHandle of the transformer blocks; .remove() unpins
+    spec: EditSpec = None       # the snapshot's pipeline (None: the original Edit)
+    source: dict = field(default_factory=dict)  # model folder, transformer file, LoRAs: for the PNG's text
+    timings: dict = field(default_factory=dict)
+    peaks: dict = field(default_factory=dict)   # stage -> (VRAM allocated, reserved) at its peak; CUDA only
+
+    def memory_summary(self):
+        """Peak host RAM; on CUDA the peak VRAM (allocated, reserved) over the run and allocated per stage
+        ("before": text encoding and loading)."""
+        import resource
+        gib = 2 ** 30
+        line = f"peak host RAM {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / gib:.2f} GiB"
+        if self.peaks:
+            stages = ", ".join(f"{k} {a / gib:.2f}" for k, (a, _) in self.peaks.items())
+            line += (f", peak VRAM allocated {max(a for a, _ in self.peaks.values()) / gib:.2f} GiB, reserved "
+                     f"{max(r for _, r in self.peaks.values()) / gib:.2f} GiB (allocated per stage, GiB: {stages})")
+        return line
+
+
+def load_models(model_dir, device="cpu", dtype="float32", plan=None, loras=(), transformer_file=None):
+    """Transformer, VAE and scheduler config of the snapshot's pipeline. transformer_file: the MMDiT from
+    one .safetensors file instead of transformer/*.safetensors (configured by transformer/config.json).
+    loras: [(path, scale)] fused into the weights, layer by layer in float32 on `device`: before streaming
+    under a plan (so the pinned copies hold the fused weights), on the device otherwise. With a plan, the
+    blocks beyond plan.mmdit_resident stream from pinned host memory; the modulation weights never reach
+    the GPU."""
+    start = time.perf_counter()
+    snap = Snapshot(model_dir)
+    spec = pipeline_for(snap)
+    snap.require("transformer", "vae", "scheduler")
+    dt = torch_dtype(dtype)
+    transformer = load_mmdit(snap, dt, "cpu", file=transformer_file)
+    if transformer.cfg.use_additional_t_cond:
+        raise LoadError(f"{model_dir}: use_additional_t_cond models (Qwen-Image-Layered) are not edit models")
+    if loras:
+        from engine.transforms.lora import fuse_loras
+    if loras and plan is not None:
+        fuse_loras(transformer, loras, compute_device=device)
+    vae = load_vae(snap, dt, "cpu")
+    models = place_models(transformer, vae, SchedulerConfig.from_dict(snap.config("scheduler")), device, dt, plan)
+    if loras and plan is None:
+        fuse_loras(transformer, loras, compute_device=device)
+    models.spec = spec
+    models.source = {"model": snap.root.name, "transformer": transformer_file and str(transformer_file),
+                     "loras": [(str(p), float(s)) for p, s in loras], "notes": []}
+    if transformer_file:
+        from loaders.single_file import summary
+        models.source["notes"].append(summary(transformer.source))
+    models.timings["load"] = time.perf_counter() - start
+    return models
+
+
+def place_models(transformer, vae, scheduler_cfg, device, dtype, plan=None):
+    """Models built on the host -> EditModels on `device`. The modulation weights stay on the host either
+    way (modulation_table_streamed visits them once per edit); with a plan, the blocks beyond
+    plan.mmdit_resident stream from pinned host memory."""
+    stream = None
+    if plan is not None:
+        stream = stream_blocks(transformer.transformer_blocks, device, plan.mmdit_resident)
+        try:
+            move_except(transformer, device, transformer.transformer_blocks)
+        except BaseException:
+            stream.remove()     # no hooks or pinned buffers left behind
+            raise
+    else:
+        move_except_modulation(transformer, device)
+    return EditModels(transformer, vae_to_device(vae, device), scheduler_cfg, device, dtype, plan, stream)

@@ -1,0 +1,43 @@
+"""What one edit pipeline does differently from the others: its chat template, how many images it takes,
+the sizes its images are seen at by the VL model and by the VAE, and where the output size comes from."""
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+from loaders import LoadError
+
+
+def condition_size(width, height, area=1024 * 1024):
+    """The size (~area pixels) an image is resized to: the input's aspect ratio, multiples of 32."""
+    ratio = width / height
+    w = math.sqrt(area * ratio)
+    h = w / ratio
+    w, h = round(w / 32) * 32, round(h / 32) * 32
+    if w == 0 or h == 0:
+        raise LoadError(f"image is {width}x{height} px: its aspect ratio is too extreme to edit (crop it first)")
+    return w, h
+
+
+@dataclass(frozen=True)
+class EditSpec:
+    class_name: str                     # model_index.json's _class_name
+    max_images: int
+    template: Callable[[int], str]      # n_images -> chat template with one {} for the prompt
+    vl_area: int = None                 # pixels the VL model sees each image at; None: the VAE's size
+
+    def check_images(self, n):
+        if not 1 <= n <= self.max_images:
+            many = "one image" if self.max_images == 1 else f"1 to {self.max_images} images"
+            raise LoadError(f"{self.class_name} takes {many} (--image, repeatable, in order), got {n}")
+
+    def vae_sizes(self, sizes, area=1024 * 1024):
+        """[(w, h)] of the images -> the sizes the VAE encodes them at (≈area each, own aspect ratio)."""
+        return [condition_size(w, h, area) for w, h in sizes]
+
+    def vl_sizes(self, sizes, area=1024 * 1024):
+        """The sizes the images are resized to before the VL processor sees them."""
+        return [condition_size(w, h, self.vl_area or area) for w, h in sizes]
+
+    def output_size(self, sizes, area=1024 * 1024):
+        """The default output size: the last image's VAE size, as the reference pipelines do."""
+        return condition_size(*sizes[-1], area)

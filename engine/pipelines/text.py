@@ -1,0 +1,68 @@
+"""Prompts + images -> prompt embeddings with the snapshot's Qwen2.5-VL, as its pipeline encodes them."""
+import torch
+from PIL import Image
+
+from loaders import Snapshot, torch_dtype
+
+from engine.pipelines import pipeline_for
+from engine.pipelines.edit import SPEC as EDIT
+from engine.vram.offload import move_except, stream_blocks
+
+
+def encode_text(model_dir, images, prompts, device="cpu", dtype="float32", area=1024 * 1024, resize="pil",
+                plan=None):
+    """Prompts -> list of ([1, L_i, D] embeddings, [1, L_i] mask), one per prompt, from the snapshot's
+    text_encoder/ + processor/. images: one PIL image or a list (the pipeline's template names them in
+    order); the VL model sees each at the pipeline's size. The text encoder is loaded for this call only
+    and freed afterwards (it is ~16 GB in bf16); with a plan, its layers beyond the plan's resident counts
+    stream from pinned host memory."""
+    return encode_texts(model_dir, [(images, prompts)], device, dtype, area, resize, plan)[0]
+
+
+def encode_texts(model_dir, jobs, device="cpu", dtype="float32", area=1024 * 1024, resize="pil", plan=None):
+    """encode_text for many (images, prompts) jobs with one load of the text encoder."""
+    from engine.models.text_encoder import load_text_encoder
+    from engine.text.processor import load_processor
+    snap = Snapshot(model_dir)
+    spec = pipeline_for(snap)
+    snap.require("text_encoder")
+    processor = load_processor(snap, resize=resize)
+    te = load_text_encoder(snap, torch_dtype(dtype), "cpu" if plan is not None else device)
+    try:
+        return run_text_encoder(processor, te, jobs, device, area, plan, spec)
+    finally:
+        del te      # ~16 GB: gone before the transformer loads
+        if str(device).startswith("cuda"):
+            torch.cuda.empty_cache()
+
+
+def prompt_images(spec, images, area=1024 * 1024):
+    """The images as the pipeline hands them to the VL processor: Lanczos-resized to its VL size."""
+    images = images if isinstance(images, (list, tuple)) else [images]
+    spec.check_images(len(images))
+    sizes = spec.vl_sizes([im.size for im in images], area)
+    return [im.resize(size, resample=Image.LANCZOS) for im, size in zip(images, sizes)]
+
+
+def run_text_encoder(processor, te, jobs, device, area=1024 * 1024, plan=None, spec=EDIT):
+    """encode_texts with a built text encoder (on `device`, or on the host when a plan streams it). With a
+    plan, the streamed layers' hooks and pinned host buffers are released before returning (errors too);
+    the caller drops `te` to free its device memory."""
+    from engine.models.text_encoder import encode_prompts
+    handles = []
+    try:
+        if plan is not None:
+            handles.append(stream_blocks(te.layers, device, plan.te_resident, skip=()))
+            handles.append(stream_blocks(te.visual.blocks, device, plan.vision_resident, skip=()))
+            # the 1.1 GB embedding table stays on the host: a lookup of a few thousand rows, copied over
+            move_except(te, device, te.layers, te.visual.blocks, te.embed_tokens)
+        results = []
+        for images, prompts in jobs:
+            vl = prompt_images(spec, images, area)
+            embeds, mask = encode_prompts(processor, te, prompts, vl, spec.template(len(vl)))
+            results.append([(embeds[i:i + 1, :int(mask[i].sum())].cpu(), mask[i:i + 1, :int(mask[i].sum())].cpu())
+                            for i in range(len(prompts))])
+    finally:
+        for h in handles:  # unpin the host buffers before the transformer pins its own
+            h.remove()
+    return results
