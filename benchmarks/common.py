@@ -65,13 +65,14 @@ def random_state(module, seed, device="cuda", dest="cpu", pin=False):
     return state
 
 
-def diffusers_transformer(num_layers=60, seed=0, dest="cuda", pin=False):
+def diffusers_transformer(num_layers=60, seed=0, dest="cuda", pin=False, zero_cond_t=False):
     """diffusers' QwenImageTransformer2DModel in the real config with random_state weights, built on the
     meta device and filled directly (no 81 GB float32 detour); its RoPE tables stay on the CPU."""
     from diffusers import QwenImageTransformer2DModel
     from diffusers.models.transformers.transformer_qwenimage import QwenEmbedRope
     with torch.device("meta"):
-        ref = QwenImageTransformer2DModel(num_layers=num_layers, attention_head_dim=128, num_attention_heads=24)
+        ref = QwenImageTransformer2DModel(num_layers=num_layers, attention_head_dim=128, num_attention_heads=24,
+                                          zero_cond_t=zero_cond_t)
     ref.pos_embed = QwenEmbedRope(theta=10000, axes_dim=[16, 56, 56], scale_rope=True)
     ref.load_state_dict(random_state(ref, seed, dest=dest, pin=pin), strict=False, assign=True)
     return ref.eval()

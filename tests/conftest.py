@@ -36,12 +36,14 @@ def make_transformer(seed=0, **overrides):
     return randomize_(QwenImageTransformer2DModel(**{**TINY_MMDIT, **overrides}), seed).eval()
 
 
-def make_vae(seed=1):
+def make_vae(seed=1, scale=0.1):
+    """scale 0.2 makes the decoded image follow its latents visibly (at 0.05 two unrelated latents decode
+    within 8/255 of each other), for tests that must see conditioning move the pixels."""
     from diffusers import AutoencoderKLQwenImage
     g = torch.Generator().manual_seed(seed + 100)
     stats = dict(latents_mean=(0.5 * torch.randn(16, generator=g)).tolist(),
                  latents_std=(1 + torch.rand(16, generator=g)).tolist())
-    return randomize_(AutoencoderKLQwenImage(**TINY_VAE, **stats), seed, scale=0.1).eval()
+    return randomize_(AutoencoderKLQwenImage(**TINY_VAE, **stats), seed, scale=scale).eval()
 
 
 def write_snapshot(root, transformer=None, vae=None):
