@@ -91,31 +91,17 @@ def _plan(model_dir, images, args, text_encoder, cfg_batch, tensors=None):
     return p
 
 
-def _rows_to_tensors(rows):
-    tensors = {"prompt_embeds": rows[0][0], "prompt_embeds_mask": rows[0][1]}
-    if len(rows) > 1:
-        tensors.update(negative_prompt_embeds=rows[1][0], negative_prompt_embeds_mask=rows[1][1])
-    return tensors
-
-
 def _encode(model_dir, images, args, plan=None):
     """--prompt/--negative-prompt -> the tensors an embeddings file holds."""
+    from engine.pipelines import inputs
     from engine.pipelines.text import encode_text
     t0 = time.perf_counter()
     use_negative = args.negative_prompt is not None and getattr(args, "cfg", 2.0) > 1
     prompts = [args.prompt] + ([args.negative_prompt] if use_negative else [])
     rows = encode_text(model_dir, images, prompts, device=args.device, dtype=_dtype(args), plan=plan)
-    tensors = _rows_to_tensors(rows)
+    tensors = inputs.rows_to_tensors(rows)
     print(f"encoded {len(prompts)} prompt(s): {[r[0].shape[1] for r in rows]} tokens "
           f"({time.perf_counter() - t0:.2f}s)", file=sys.stderr)
-    return tensors
-
-
-def _read_embeds(embeds_file):
-    from loaders import LoadError, read_tensors
-    tensors = read_tensors(embeds_file)
-    if "prompt_embeds" not in tensors:
-        raise LoadError(f"{embeds_file} has no 'prompt_embeds' tensor (has: {', '.join(sorted(tensors)) or 'none'})")
     return tensors
 
 
@@ -160,31 +146,12 @@ def _edit_one(models, images, tensors, job, out_path, force):
     print(f"wrote {out_path} ({out.width}x{out.height}); {line}")
 
 
-def _loras(texts):
-    """--lora FILE[:SCALE] values -> [(path, scale)], each file checked (readable, a LoRA) before any work."""
-    if not texts:
-        return []
-    from engine.transforms.lora import parse_lora_arg
-    from loaders.lora import read_lora
-    loras = [parse_lora_arg(t) for t in texts]
-    for path, _ in loras:
-        read_lora(path)
-    return loras
-
-
-def _images(paths, model_dir):
-    """--image paths -> RGB images, their count checked against the snapshot's pipeline first."""
-    from engine.pipelines import pipeline_for
-    from loaders import read_image
-    pipeline_for(model_dir).check_images(len(paths))
-    return [read_image(p) for p in paths]
-
-
 def cmd_batch(args):
     """Every line checked and every image read first; then one text-encoder load for all prompts, and one
     transformer load per distinct set of LoRAs (in the order the lines first name them)."""
     from types import SimpleNamespace
 
+    from engine.pipelines import inputs
     from engine.pipelines.text import encode_texts
     from loaders.jobs import read_jobs
     if args.out or args.vram or args.offload:
@@ -194,22 +161,33 @@ def cmd_batch(args):
     jobs = [SimpleNamespace(**{**defaults, **j}) for j in read_jobs(args.jobs, force=args.force)]
     for j in jobs:
         _check_run(j)
-        j.loras = tuple(_loras(j.lora))
-    images = [_images(j.images, args.model) for j in jobs]
-    tensors = [_read_embeds(j.prompt_embeds) if getattr(j, "prompt_embeds", None) else None for j in jobs]
+        j.loras = tuple(j.lora)
+    read = {t: inputs.read_loras([t], args.model)[0] for t in dict.fromkeys(t for j in jobs for t in j.loras)}
+    images = [inputs.read_images(j.images, args.model) for j in jobs]
+    tensors = [inputs.read_embeds(j.prompt_embeds) if getattr(j, "prompt_embeds", None) else None for j in jobs]
     text = [i for i, t in enumerate(tensors) if t is None]
     if text:
         prompts = [[jobs[i].prompt] + ([jobs[i].negative_prompt] if jobs[i].cfg > 1 else []) for i in text]
         encoded = encode_texts(args.model, [(images[i], p) for i, p in zip(text, prompts)], args.device, _dtype(args))
         for i, rows in zip(text, encoded):
-            tensors[i] = _rows_to_tensors(rows)
+            tensors[i] = inputs.rows_to_tensors(rows)
     for loras in dict.fromkeys(j.loras for j in jobs):
-        models = _load(args.model, args, list(loras))
+        models = _load(args.model, args, [read[t] for t in loras])
         for j, ims, t in zip(jobs, images, tensors):
             if j.loras == loras:
                 _edit_one(models, ims, t, j, j.out, args.force)
         print(models.memory_summary())
-        del models
+        del models          # the next LoRA set loads a fresh transformer: this one's memory goes first
+        _free_device(args.device)
+
+
+def _free_device(device):
+    import gc
+
+    import torch
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _check_run(args):
@@ -222,13 +200,14 @@ def _check_run(args):
 
 
 def cmd_edit(args):
+    from engine.pipelines import inputs
     _check_out(args)
     _check_run(args)
     if (args.prompt is None) == (args.prompt_embeds is None):
         raise _input_error("give exactly one of --prompt TEXT or --prompt-embeds FILE")
-    images = _images(args.image, args.model)
-    loras = _loras(args.lora)
-    tensors = _read_embeds(args.prompt_embeds) if args.prompt_embeds else None
+    images = inputs.read_images(args.image, args.model)
+    loras = inputs.read_loras(args.lora, args.model)
+    tensors = inputs.read_embeds(args.prompt_embeds) if args.prompt_embeds else None
     cfg_batch = 2 if args.cfg > 1 and (tensors is None or "negative_prompt_embeds" in tensors) else 1
     plan = _plan(args.model, images, args, text_encoder=tensors is None, cfg_batch=cfg_batch, tensors=tensors)
     if tensors is None:
@@ -240,17 +219,19 @@ def cmd_edit(args):
 
 
 def cmd_encode(args):
+    from engine.pipelines import inputs
     from loaders import write_tensors
     if Path(args.out).exists() and not args.force:
         raise _input_error(f"{args.out} exists; pass --force to overwrite it or choose another --out")
     if not args.out.endswith(".safetensors"):
         raise _input_error(f"--out {args.out} must end in .safetensors")
-    tensors = _encode(args.model, _images(args.image, args.model), args)
+    tensors = _encode(args.model, inputs.read_images(args.image, args.model), args)
     write_tensors(tensors, args.out, force=args.force)
     print(f"wrote {args.out}: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items()))
 
 
 def cmd_demo(args):
+    from engine.pipelines import inputs
     from engine.demo import demo_snapshot, sample_image
     if args.out is None:
         args.out = "demo_out.png"
@@ -261,10 +242,10 @@ def cmd_demo(args):
           f"({time.perf_counter() - t0:.2f}s)")
     _check_run(args)
     images = [sample_image()]
-    tensors = _read_embeds(root / "demo_prompt.safetensors")
+    tensors = inputs.read_embeds(root / "demo_prompt.safetensors")
     plan = _plan(root, images, args, text_encoder=False, cfg_batch=2 if args.cfg > 1 else 1, tensors=tensors)
     args.prompt_embeds, args.images = "demo_prompt.safetensors", ["(built-in sample image)"]
-    models = _load(root, args, _loras(args.lora), plan)
+    models = _load(root, args, inputs.read_loras(args.lora, root), plan)
     _edit_one(models, images, tensors, args, args.out, args.force)
     print(models.memory_summary())
 

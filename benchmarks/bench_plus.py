@@ -67,6 +67,32 @@ def forward_case(lens, ref, ours):
     return rows
 
 
+def profile_case(lens, ref, ours, rows):
+    """Where the forward's time goes at the Plus shape, ours and diffusers (bench_e2e's kernel categories),
+    with the GEMMs' and attention's achieved TFLOP/s."""
+    from benchmarks.bench_e2e import kernel_breakdown
+    x, txt, mask, t, shapes, txt_len = inputs(lens)
+    dmask = None if bool(mask.all()) else mask
+    rope = ours.rope(shapes, txt.shape[1], "cuda")
+    mods = modulation_table(ours, t[:1])[0]
+    fns = {"ours": lambda: ours(x, txt, txt_len, t, shapes, rope=rope, mods=mods),
+           "diffusers": lambda: ref(hidden_states=x, encoder_hidden_states=txt, encoder_hidden_states_mask=dmask,
+                                    timestep=t, img_shapes=[shapes] * len(lens), return_dict=False)[0]}
+    N, d = 3 * GRID[0] * GRID[1], PLUS.dim
+    lin = sum(PLUS.num_layers * 24 * d * d * (N + L) for L in lens)
+    att = sum(PLUS.num_layers * 4 * (N + L) ** 2 * d for L in lens)
+    out = {}
+    with torch.inference_mode():
+        for name, fn in fns.items():
+            r = kernel_breakdown(fn)
+            r["wall_ms"] = rows["ours"]["ms"] if name == "ours" else rows["diffusers_ms"]
+            r["gap_ms"] = r["wall_ms"] - r["kernel_ms"]
+            r["gemm_tflops"] = lin / r["ms"].get("gemm", float("nan")) / 1e9
+            r["attention_tflops"] = att / r["ms"].get("attention", float("nan")) / 1e9
+            out[name] = r
+    return out
+
+
 def lora_targets(model):
     return [n for n, m in model.transformer_blocks.named_modules() if isinstance(m, torch.nn.Linear)]
 
@@ -167,37 +193,43 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--lora-file", default="/tmp/bench_lora_r64.safetensors")
+    ap.add_argument("--sections", default="forward,edit,lora", help="any of forward,profile,edit,lora")
     args = ap.parse_args()
+    sections = set(args.sections.split(","))
     payload = {"env": env_info(), "ceilings": ceilings(), "cases": {}}
     ref = diffusers_transformer(PLUS.num_layers, seed=0, dest="cuda", zero_cond_t=True)
     with torch.device("meta"):
         ours = MMDiT(PLUS)
     ours = assign(ours, dict(ref.state_dict()), "transformer").eval()
-    for case, lens in CASES.items():
+    for case, lens in CASES.items() if sections & {"forward", "profile"} else ():
         try:
             payload["cases"][case] = forward_case(lens, ref, ours)
+            if "profile" in sections:
+                payload.setdefault("profile", {})[case] = profile_case(lens, ref, ours, payload["cases"][case])
         except Exception as e:      # the other sections still run
             payload["cases"][case] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         write_json(args.out, payload)
         print(case, payload["cases"][case], flush=True)
 
-    with torch.device("meta"):
-        vae_meta = QwenImageVAE(VAEConfig())
-    vae_state = random_state(vae_meta, seed=2, dest="cuda")
-    try:
-        payload["edit"] = whole_edit(ours, ref, vae_state)
-    except Exception as e:
-        payload["edit"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-    write_json(args.out, payload)
-    print("edit", payload["edit"], flush=True)
+    if "edit" in sections:
+        with torch.device("meta"):
+            vae_meta = QwenImageVAE(VAEConfig())
+        vae_state = random_state(vae_meta, seed=2, dest="cuda")
+        try:
+            payload["edit"] = whole_edit(ours, ref, vae_state)
+        except Exception as e:
+            payload["edit"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        write_json(args.out, payload)
+        print("edit", payload["edit"], flush=True)
 
-    try:
-        n, nbytes = write_lora(args.lora_file, ours)
-        payload["lora"] = {"rank": RANK, "modules": n, "file_gib": nbytes / 2**30,
-                           **time_fuse(args.lora_file, ours, ref)}
-    except Exception as e:
-        payload["lora"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-    write_json(args.out, payload)
+    if "lora" in sections:
+        try:
+            n, nbytes = write_lora(args.lora_file, ours)
+            payload["lora"] = {"rank": RANK, "modules": n, "file_gib": nbytes / 2**30,
+                               **time_fuse(args.lora_file, ours, ref)}
+        except Exception as e:
+            payload["lora"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        write_json(args.out, payload)
 
     peak = payload["ceilings"]["matmul_tflops"]
     print(f"\n{payload['env']['gpu']}  matmul ceiling {peak:.0f} TFLOP/s")
@@ -209,17 +241,22 @@ def main():
               f"{r['diffusers_again']['ms']:.1f}), ours {r['ours']['ms']:.1f} ms = x{r['ratio']:.3f} "
               f"({r['ours']['tflops']:.0f} TFLOP/s, {100 * r['ours']['tflops'] / peak:.0f}%), rel L2 "
               f"{r['ours_vs_diffusers_rel_l2']:.2e}")
-    lo = payload["lora"]
+    for case, provs in payload.get("profile", {}).items():
+        for name, r in provs.items():
+            parts = "  ".join(f"{k} {v:.1f}" for k, v in sorted(r["ms"].items()))
+            print(f"{case} {name:10s} wall {r['wall_ms']:.1f} ms = kernels {r['kernel_ms']:.1f} + gaps "
+                  f"{r['gap_ms']:.1f} | {parts} | gemm {r['gemm_tflops']:.0f} attn {r['attention_tflops']:.0f} TFLOP/s")
+    lo = payload.get("lora", {})
     if "ours_s" in lo:
         print(f"LoRA rank {RANK} on {lo['modules']} Linears ({lo['file_gib']:.2f} GiB file): ours {lo['ours_s']:.2f} s, "
               f"diffusers {lo.get('diffusers_s', lo.get('diffusers_error'))}")
-    else:
+    elif lo:
         print("LoRA", lo)
-    e = payload["edit"]
+    e = payload.get("edit", {})
     if "ours" in e:
         print(f"2511 Lightning edit, 2 images: ours {e['ours'][-1]}, diffusers {e['diffusers'][-1]}, "
               f"pixels {e['ours_vs_diffusers_pixels']}")
-    else:
+    elif e:
         print("edit", e)
 
 

@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 from benchmarks.report_kernels import e2e_section, kernels_section, readme_attention, readme_table
+from benchmarks.report_plus import plus_section, readme_plus
 
 HERE = Path(__file__).parent
 
@@ -146,6 +147,10 @@ def main():
         d = json.loads(path.read_text())
         if path.name.startswith("offload_"):
             offload["ours" if "runs" in d else "ref"] = (path.name, d)
+        elif path.name.startswith("plus_"):
+            lines += plus_section(path.name, d)
+            if "ours_s" in d.get("lora", {}):     # the full run, not a profile-only one
+                update_readme(readme_plus(d), "PLUS")
         elif path.name.startswith("vae_memory"):
             lines += _vae_memory(path.name, d)
         elif "cases" in d:

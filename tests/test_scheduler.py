@@ -74,3 +74,32 @@ def test_unsupported_flags_are_refused():
         SchedulerConfig.from_dict({**SCHEDULER, "use_karras_sigmas": True})
     with pytest.raises(LoadError, match="time_shift_type"):
         SchedulerConfig.from_dict({**SCHEDULER, "time_shift_type": "cosine"})
+
+
+LIGHTNING = {  # the scheduler config Qwen-Image-Lightning's README gives for its 4- and 8-step LoRAs
+    "base_image_seq_len": 256, "base_shift": float(np.log(3)), "invert_sigmas": False, "max_image_seq_len": 8192,
+    "max_shift": float(np.log(3)), "num_train_timesteps": 1000, "shift": 1.0, "shift_terminal": None,
+    "stochastic_sampling": False, "time_shift_type": "exponential", "use_beta_sigmas": False,
+    "use_dynamic_shifting": True, "use_exponential_sigmas": False, "use_karras_sigmas": False}
+
+
+@pytest.mark.parametrize("steps", [4, 8])
+@pytest.mark.parametrize("seq_len", [256, 4096, 12288])
+def test_lightning_sampler_bit_equal(steps, seq_len):
+    """--sampler lightning: the same sigmas and timesteps as diffusers with the Lightning config, at any
+    image size (exp(mu) = 3 whatever the token count), and not the snapshot's default schedule."""
+    assert sched.LIGHTNING == SchedulerConfig.from_dict(LIGHTNING)
+    ref, ref_t, ref_mu = reference(LIGHTNING, steps, seq_len)
+    cfg = sched.sampler_config("lightning", SchedulerConfig.from_dict(SCHEDULER))
+    mu = sched.image_seq_mu(seq_len, cfg)
+    assert mu == ref_mu
+    sigmas, timesteps = sched.sigmas_for(cfg, steps, mu=mu)
+    assert torch.equal(sigmas, ref.sigmas) and torch.equal(timesteps, ref_t)
+    default = sched.sampler_config("default", SchedulerConfig.from_dict(SCHEDULER))
+    other, _ = sched.sigmas_for(default, steps, mu=sched.image_seq_mu(seq_len, default))
+    assert (other - sigmas).abs().max() > 0.01
+
+
+def test_unknown_sampler():
+    with pytest.raises(ValueError, match="unknown sampler 'euler_a'"):
+        sched.sampler_config("euler_a", SchedulerConfig.from_dict(SCHEDULER))

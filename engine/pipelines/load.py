@@ -45,7 +45,7 @@ class EditModels:
 def load_models(model_dir, device="cpu", dtype="float32", plan=None, loras=(), transformer_file=None):
     """Transformer, VAE and scheduler config of the snapshot's pipeline. transformer_file: the MMDiT from
     one .safetensors file instead of transformer/*.safetensors (configured by transformer/config.json).
-    loras: [(path, scale)] fused into the weights, layer by layer in float32 on `device`: before streaming
+    loras: [(path or loaders.lora.Lora, scale)] fused into the weights, layer by layer in float32 on `device`: before streaming
     under a plan (so the pinned copies hold the fused weights), on the device otherwise. With a plan, the
     blocks beyond plan.mmdit_resident stream from pinned host memory; the modulation weights never reach
     the GPU."""
@@ -67,7 +67,7 @@ def load_models(model_dir, device="cpu", dtype="float32", plan=None, loras=(), t
         fuse_loras(transformer, loras, compute_device=device)
     models.spec = spec
     models.source = {"model": snap.root.name, "transformer": transformer_file and str(transformer_file),
-                     "loras": [(str(p), float(s)) for p, s in loras], "notes": []}
+                     "loras": [(str(getattr(p, "path", p)), float(s)) for p, s in loras], "notes": []}
     if transformer_file:
         from loaders.single_file import summary
         models.source["notes"].append(summary(transformer.source))

@@ -1,0 +1,47 @@
+"""What an edit's inputs are, read and checked before any model loads, for both faces (the CLI and the
+server): images against the snapshot's pipeline, LoRAs against its transformer, prompt-embedding files."""
+import torch
+
+from loaders import LoadError, Snapshot, read_image, read_tensors
+
+from engine.config import MMDiTConfig
+from engine.models.mmdit import MMDiT
+from engine.pipelines import pipeline_for
+
+
+def read_images(paths, model_dir):
+    """Image paths -> RGB images, their count checked against the snapshot's pipeline first."""
+    pipeline_for(model_dir).check_images(len(paths))
+    return [read_image(p) for p in paths]
+
+
+def read_loras(texts, model_dir):
+    """"FILE[:SCALE]" texts -> [(Lora, scale)], each file read and matched against the snapshot's transformer
+    (built on the meta device: no weights), so a bad LoRA costs no model load."""
+    if not texts:
+        return []
+    from engine.transforms.lora import parse_lora_arg
+    from loaders.lora import match_lora, read_lora
+    with torch.device("meta"):
+        model = MMDiT(MMDiTConfig.from_dict(Snapshot(model_dir).config("transformer")))
+    shapes = {n: tuple(m.weight.shape) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    loras = [(read_lora(path), scale) for path, scale in map(parse_lora_arg, texts)]
+    for lora, _ in loras:
+        match_lora(lora, shapes)
+    return loras
+
+
+def read_embeds(embeds_file):
+    """A file from `encode`: prompt_embeds (+ _mask, negative_prompt_embeds, negative_prompt_embeds_mask)."""
+    tensors = read_tensors(embeds_file)
+    if "prompt_embeds" not in tensors:
+        raise LoadError(f"{embeds_file} has no 'prompt_embeds' tensor (has: {', '.join(sorted(tensors)) or 'none'})")
+    return tensors
+
+
+def rows_to_tensors(rows):
+    """encode_text's [(embeds, mask), ...] (prompt, then the negative prompt if any) -> read_embeds' dict."""
+    tensors = {"prompt_embeds": rows[0][0], "prompt_embeds_mask": rows[0][1]}
+    if len(rows) > 1:
+        tensors.update(negative_prompt_embeds=rows[1][0], negative_prompt_embeds_mask=rows[1][1])
+    return tensors
