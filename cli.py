@@ -163,6 +163,7 @@ def cmd_batch(args):
         _check_run(j)
         j.loras = tuple(j.lora)
     read = {t: inputs.read_loras([t], args.model)[0] for t in dict.fromkeys(t for j in jobs for t in j.loras)}
+    inputs.check_transformer(args.transformer, args.model)
     images = [inputs.read_images(j.images, args.model) for j in jobs]
     tensors = [inputs.read_embeds(j.prompt_embeds) if getattr(j, "prompt_embeds", None) else None for j in jobs]
     text = [i for i, t in enumerate(tensors) if t is None]
@@ -207,6 +208,7 @@ def cmd_edit(args):
         raise _input_error("give exactly one of --prompt TEXT or --prompt-embeds FILE")
     images = inputs.read_images(args.image, args.model)
     loras = inputs.read_loras(args.lora, args.model)
+    inputs.check_transformer(args.transformer, args.model)
     tensors = inputs.read_embeds(args.prompt_embeds) if args.prompt_embeds else None
     cfg_batch = 2 if args.cfg > 1 and (tensors is None or "negative_prompt_embeds" in tensors) else 1
     plan = _plan(args.model, images, args, text_encoder=tensors is None, cfg_batch=cfg_batch, tensors=tensors)
@@ -245,7 +247,9 @@ def cmd_demo(args):
     tensors = inputs.read_embeds(root / "demo_prompt.safetensors")
     plan = _plan(root, images, args, text_encoder=False, cfg_batch=2 if args.cfg > 1 else 1, tensors=tensors)
     args.prompt_embeds, args.images = "demo_prompt.safetensors", ["(built-in sample image)"]
-    models = _load(root, args, inputs.read_loras(args.lora, root), plan)
+    loras = inputs.read_loras(args.lora, root)
+    inputs.check_transformer(args.transformer, root)
+    models = _load(root, args, loras, plan)
     _edit_one(models, images, tensors, args, args.out, args.force)
     print(models.memory_summary())
 

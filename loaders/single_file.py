@@ -118,6 +118,22 @@ def _refuse_not_mmdit(path, keys):
                         f"{min(keys, default='none')}); --transformer takes the diffusion model file")
 
 
+def check_transformer_file(path, expected=None):
+    """Everything about a transformer file that its header tells, before any tensor is read (a bad file costs
+    no load): -> (header, size, prefix, own header entries with the prefix stripped, 2511 marker present)."""
+    path = Path(path)
+    header, metadata, size = read_header(path)
+    prefix = next((p for p in PREFIXES if any(k.startswith(p) for k in header)), "")
+    own = {k[len(prefix):]: v for k, v in header.items() if k.startswith(prefix)}  # prefix stripped
+    marker = MARKER_2511 in own or MARKER_2511 in header
+    own.pop(MARKER_2511, None)
+    _refuse_not_mmdit(path, list(own))
+    _refuse_fp8(path, own, metadata, prefix)
+    if expected is not None:  # shapes from the header: a mismatch costs no read
+        check_keys(expected, {k: torch.empty(v["shape"], device="meta") for k, v in own.items()}, str(path))
+    return header, size, prefix, own, marker
+
+
 def read_transformer_file(path, dtype=None, expected=None):
     """The MMDiT's tensors from one .safetensors file -> (state, info).
 
@@ -127,17 +143,8 @@ def read_transformer_file(path, dtype=None, expected=None):
     dtypes ({"bf16": n} on disk), ignored (tensors of other components), ignored_prefixes ({"first_stage_model.": n}),
     index_timestep_zero (the 2511 marker: the caller turns zero_cond_t on)."""
     path = Path(path)
-    header, metadata, size = read_header(path)
-    prefix = next((p for p in PREFIXES if any(k.startswith(p) for k in header)), "")
-    own = {k[len(prefix):]: v for k, v in header.items() if k.startswith(prefix)}  # prefix stripped
+    header, size, prefix, own, marker = check_transformer_file(path, expected)
     others = [k for k in header if not k.startswith(prefix)]
-    marker = MARKER_2511 in own or MARKER_2511 in header
-    own.pop(MARKER_2511, None)
-    _refuse_not_mmdit(path, list(own))
-    _refuse_fp8(path, own, metadata, prefix)
-    if expected is not None:  # shapes from the header: a mismatch costs no read
-        check_keys(expected, {k: torch.empty(v["shape"], device="meta") for k, v in own.items()}, str(path))
-
     state = {}
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:

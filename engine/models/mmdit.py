@@ -267,7 +267,7 @@ def drop_modulation_weights(model):
     return freed
 
 
-def _param_shapes(cfg):
+def param_shapes(cfg):
     with torch.device("meta"):
         return {k: v.shape for k, v in MMDiT(cfg).state_dict().items()}
 
@@ -285,7 +285,7 @@ def load_mmdit(snapshot, dtype, device, file=None):
         state, where = snapshot.weights("transformer", dtype=dtype), "transformer"
     else:
         # zero_cond_t adds no parameter: the snapshot's config gives the shapes before the marker is known
-        state, source = read_transformer_file(file, dtype, _param_shapes(MMDiTConfig.from_dict(d)))
+        state, source = read_transformer_file(file, dtype, param_shapes(MMDiTConfig.from_dict(d)))
         if source["index_timestep_zero"] and not d.get("zero_cond_t"):
             overrides["zero_cond_t"] = True
         source["overrides"], where = overrides, str(file)

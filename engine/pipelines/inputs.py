@@ -31,6 +31,16 @@ def read_loras(texts, model_dir):
     return loras
 
 
+def check_transformer(file, model_dir):
+    """--transformer FILE checked from its header against the snapshot's transformer config (fp8, another
+    component, other shapes: one line) before the text encoder or anything else runs."""
+    if file is None:
+        return
+    from engine.models.mmdit import param_shapes
+    from loaders.single_file import check_transformer_file
+    check_transformer_file(file, param_shapes(MMDiTConfig.from_dict(Snapshot(model_dir).config("transformer"))))
+
+
 def read_embeds(embeds_file):
     """A file from `encode`: prompt_embeds (+ _mask, negative_prompt_embeds, negative_prompt_embeds_mask)."""
     tensors = read_tensors(embeds_file)
