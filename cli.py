@@ -264,6 +264,9 @@ def cmd_inspect(args):
         for k, v in text.items():
             print(f"{k}: {v}")
         return
+    if Path(args.model).is_file() and Path(args.model).suffix.lower() == ".safetensors":
+        print(_describe_file(args.model))
+        return
     snap, rows = describe(args.model)
     print(f"{snap.root}: {snap.pipeline_class()}")
     for r in rows:
@@ -275,6 +278,37 @@ def cmd_inspect(args):
             dt = ", ".join(f"{k} x{v}" for k, v in sorted(r["dtypes"].items()))
             extra = f"{r['tensors']} tensors, {r['params'] / 1e6:.1f} M params, {r['bytes'] / 2**30:.2f} GiB ({dt})"
         print(f"  {r['component']:<13} {str(r.get('class', '')):<32} {extra}")
+
+
+def _describe_file(path):
+    """One line: what a .safetensors file is (a transformer file, a LoRA, prompt embeddings), or why it is
+    none of them."""
+    from loaders import LoadError, read_tensors
+    from loaders.lora import read_lora
+    from loaders.single_file import check_transformer_file
+    try:
+        header, size, prefix, own, marker = check_transformer_file(path)
+        dtypes = {}
+        for v in own.values():
+            dtypes[v["dtype"]] = dtypes.get(v["dtype"], 0) + 1
+        return (f"{path}: transformer file, {len(own)} tensors ({', '.join(f'{n} {d}' for d, n in dtypes.items())}), "
+                f"{size / 2**30:.2f} GiB, keys {'under ' + repr(prefix) if prefix else 'bare'}"
+                + ("; Edit-2511 marker (zero_cond_t on)" if marker else ""))
+    except LoadError as e:
+        if "is a LoRA" not in str(e):
+            try:
+                tensors = read_tensors(path)
+            except LoadError:
+                raise e from None
+            if "prompt_embeds" in tensors:
+                return f"{path}: prompt embeddings, " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items())
+            raise
+    lora = read_lora(path)
+    ranks = sorted({layer.rank for layer in lora.layers.values()})
+    alphas = sorted({layer.alpha for layer in lora.layers.values() if layer.alpha is not None})
+    span = lambda v: f"{v[0]:g}" if v[0] == v[-1] else f"{v[0]:g}-{v[-1]:g}"
+    return (f"{path}: LoRA on {len(lora.layers)} modules, rank {span(ranks)}, "
+            + (f"alpha {span(alphas)}" if alphas else "no alpha (alpha = rank)"))
 
 
 def cmd_bench(args):
@@ -322,8 +356,8 @@ def build_parser():
     b.add_argument("suite", choices=["kernels", "e2e"])
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(fn=cmd_bench)
-    i = sub.add_parser("inspect", help="what a snapshot holds, or the parameters an output PNG records")
-    i.add_argument("model", help="a snapshot folder or an output .png")
+    i = sub.add_parser("inspect", help="what a snapshot or .safetensors file holds, or what an output PNG records")
+    i.add_argument("model", help="a snapshot folder, a .safetensors file (transformer, LoRA, embeddings) or an output .png")
     i.set_defaults(fn=cmd_inspect)
     return p
 

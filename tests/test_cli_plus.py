@@ -183,6 +183,19 @@ def test_single_file_transformer_with_2511_marker(env):
     assert json.loads(Image.open(png).text["qwen_image_edit"])["transformer"] == file.name
 
 
+def test_inspect_names_safetensors_files(env, capsys):
+    """`inspect FILE.safetensors` says what a file is: a transformer file (prefix, 2511 marker) or a LoRA."""
+    file = env.root / "inspect_2511.safetensors"
+    save_file({**{COMFY + k: v.contiguous() for k, v in env.state.items()}, COMFY + MARKER_2511: torch.tensor([])},
+              str(file))
+    assert cli.main(["inspect", str(file)]) == 0
+    out = capsys.readouterr().out
+    assert "transformer file" in out and "model.diffusion_model." in out and "Edit-2511 marker" in out
+    assert cli.main(["inspect", str(env.lora)]) == 0
+    out = capsys.readouterr().out
+    assert "LoRA on" in out and "rank" in out and "alpha" in out
+
+
 def test_batch_images_and_lora_equal_single_edits(env, tmp_path):
     """batch lines with "images": [a, b] and "lora": "FILE:0.8" (and one without) = the single edits; the
     LoRA line runs first, so a LoRA leaking into the next model load would show."""
