@@ -71,7 +71,25 @@ def _dtype(args):
 def _text_sizes(model_dir, images, args, tensors, cfg_batch):
     from engine.pipelines.budget import text_sizes
     embeds = [t for k, t in (tensors or {}).items() if k in ("prompt_embeds", "negative_prompt_embeds")]
-    return text_sizes(model_dir, images, [args.prompt] + ([args.negative_prompt] if cfg_batch > 1 else []), embeds)
+    if embeds:
+        return text_sizes(model_dir, images, embeds=embeds)
+    return text_sizes(model_dir, images, [args.prompt] + ([args.negative_prompt] if cfg_batch > 1 else []))
+
+
+def _check_fits(model_dir, images, args, text_encoder, cfg_batch, tensors=None):
+    """Refuse before any work an edit that cannot fit this machine (host RAM on the CPU, the GPU's free
+    memory or the --vram budget on CUDA), naming the largest size that fits."""
+    from engine.pipelines.budget import available_host_bytes, check_fits, resolve_budget
+    planned = getattr(args, "vram", None) is not None or getattr(args, "offload", None) is not None
+    if planned and args.device != "cuda":
+        raise _input_error("--vram/--offload plan GPU memory; use them with --device cuda")
+    if args.device == "cpu":
+        available = available_host_bytes()
+    else:
+        available = resolve_budget(args.vram if planned else None)
+    text_len, vl_tokens = _text_sizes(model_dir, images, args, tensors, cfg_batch)
+    check_fits(model_dir, images, args.width, args.height, cfg_batch, text_encoder, _dtype(args), args.device,
+               available, args.steps, text_len, vl_tokens, planned=planned)
 
 
 def _plan(model_dir, images, args, text_encoder, cfg_batch, tensors=None):
@@ -194,6 +212,9 @@ def _free_device(device):
 def _check_run(args):
     if args.steps < 1:
         raise _input_error(f"--steps must be at least 1, got {args.steps}")
+    for side in ("width", "height"):
+        if getattr(args, side, None) is not None and getattr(args, side) < 16:
+            raise _input_error(f"--{side} must be at least 16 px, got {getattr(args, side)}")
     if not args.cfg == args.cfg or args.cfg < 0:   # NaN or negative
         raise _input_error(f"--cfg must be a number >= 0 (1 turns CFG off), got {args.cfg}")
     if args.sampler == "lightning" and args.cfg > 1:
@@ -211,6 +232,7 @@ def cmd_edit(args):
     inputs.check_transformer(args.transformer, args.model)
     tensors = inputs.read_embeds(args.prompt_embeds) if args.prompt_embeds else None
     cfg_batch = 2 if args.cfg > 1 and (tensors is None or "negative_prompt_embeds" in tensors) else 1
+    _check_fits(args.model, images, args, text_encoder=tensors is None, cfg_batch=cfg_batch, tensors=tensors)
     plan = _plan(args.model, images, args, text_encoder=tensors is None, cfg_batch=cfg_batch, tensors=tensors)
     if tensors is None:
         tensors = _encode(args.model, images, args, plan)
@@ -235,8 +257,8 @@ def cmd_encode(args):
 def cmd_demo(args):
     from engine.pipelines import inputs
     from engine.demo import demo_snapshot, sample_image
-    if args.out is None:
-        args.out = "demo_out.png"
+    if args.out is None:     # the demo's own output: a second `demo` replaces it
+        args.out, args.force = "demo_out.png", True
     _check_out(args)
     t0 = time.perf_counter()
     root, fresh = demo_snapshot(_cache_dir())
@@ -245,6 +267,7 @@ def cmd_demo(args):
     _check_run(args)
     images = [sample_image()]
     tensors = inputs.read_embeds(root / "demo_prompt.safetensors")
+    _check_fits(root, images, args, text_encoder=False, cfg_batch=2 if args.cfg > 1 else 1, tensors=tensors)
     plan = _plan(root, images, args, text_encoder=False, cfg_batch=2 if args.cfg > 1 else 1, tensors=tensors)
     args.prompt_embeds, args.images = "demo_prompt.safetensors", ["(built-in sample image)"]
     loras = inputs.read_loras(args.lora, root)

@@ -181,6 +181,34 @@ def test_cli_demo_runs(tmp_path):
     assert Image.open(out).size == (64, 64)
 
 
+def test_cli_demo_runs_twice_with_its_default_output(tmp_path):
+    """The README's first command, twice in a row: the demo replaces its own demo_out.png."""
+    for _ in range(2):
+        r = run_cli("demo", "--steps", "1", "--width", "32", "--height", "32", cwd=tmp_path,
+                    env_cache=tmp_path / "cache")
+        assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "demo_out.png").size == (32, 32)
+
+
+def test_cli_refuses_a_size_that_cannot_fit(tmp_path, tiny_snapshot):
+    """100000x100000 on the CPU was killed by the kernel (exit 137, no message): now one line before any
+    work, with what it needs and the largest size that fits this machine."""
+    root, _, _ = tiny_snapshot
+    Image.new("RGB", (64, 48)).save(tmp_path / "in.png")
+    torch.manual_seed(0)
+    from loaders import write_tensors
+    write_tensors({"prompt_embeds": torch.randn(1, 5, 48)}, tmp_path / "e.safetensors")
+    r = run_cli("edit", "--model", str(root), "--image", str(tmp_path / "in.png"), "--prompt-embeds",
+                str(tmp_path / "e.safetensors"), "--device", "cpu", "--width", "100000", "--height", "100000",
+                "--out", str(tmp_path / "o.png"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "100000x100000 edit needs" in r.stderr and "of host RAM" in r.stderr
+    assert "the largest output that fits is --width" in r.stderr
+    assert not (tmp_path / "o.png").exists()
+    w = int(r.stderr.split("--width ")[1].split()[0])
+    assert 16 <= w < 100000
+
+
 def test_cli_embeddings_of_wrong_width_or_mask(tmp_path, tiny_snapshot):
     from engine.pipelines.common import _prompt_rows
     from loaders import write_tensors

@@ -90,3 +90,78 @@ def least_budget(model_dir, images, width, height, cfg_batch, text_encoder, dtyp
     job, sizes = edit_job(model_dir, images, width, height, cfg_batch, text_encoder, dtype, steps=steps,
                           text_len=text_len, vl_tokens=vl_tokens)
     return smallest_budget(job, sizes, "stream")
+
+
+def _host_need(job, s):
+    """Host RAM an edit holds when it runs on the CPU (every weight in RAM): the text stage, or the edit
+    stage after it (the text encoder is freed before the transformer loads)."""
+    from engine.vram.memory import activation_bytes, mmdit_activations, table_bytes, text_peak
+    dtype = torch_dtype({4: "float32", 2: "bfloat16"}[s.dtype_bytes])
+    h, w = job.height // 8, job.width // 8
+    acts = max(mmdit_activations(s, job) + table_bytes(s, job),
+               activation_bytes(s.vae_cfg, job.cond_height // 8, job.cond_width // 8, None, dtype, 1, encode=True),
+               activation_bytes(s.vae_cfg, h, w, None, dtype, 1) + 3 * job.height * job.width * 4)
+    edit = s.mmdit_other + s.blocks * s.block_bytes + s.vae_bytes + acts
+    text = text_peak(s, job, s.te_layers, s.vision_blocks) + s.te_embed if job.text_encoder and s.te_layers else 0
+    return max(edit, text)
+
+
+def _device_need(job, s):
+    """VRAM an edit holds with everything on the GPU (no --vram): the planner's peaks with every block and
+    layer resident, the VAE untiled, CFG batched."""
+    from engine.vram.memory import decode_peak, denoise_peak, encode_peak, text_peak
+    from engine.vram.planner import need
+    peaks = [denoise_peak(s, job, s.blocks), encode_peak(s, job, s.blocks, None), decode_peak(s, job, s.blocks, None)]
+    if job.text_encoder and s.te_layers:
+        peaks.append(text_peak(s, job, s.te_layers, s.vision_blocks) + s.te_embed)
+    return need(max(peaks))
+
+
+def available_host_bytes():
+    """MemAvailable from /proc/meminfo (Linux); None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_fits(model_dir, images, width, height, cfg_batch, text_encoder, dtype, device, available, steps=50,
+               text_len=None, vl_tokens=None, planned=False):
+    """Refuse, before any work, an edit that cannot fit `available` bytes (host RAM on the CPU; VRAM on CUDA:
+    with everything resident, or under a plan at its smallest budget): one line naming what it needs and the
+    largest output size, at the same aspect ratio, that fits. Returns the bytes it needs."""
+    import dataclasses
+    from engine.vram.planner import gib_up, smallest_budget
+    job, sizes = edit_job(model_dir, images, width, height, cfg_batch, text_encoder, dtype, steps=steps,
+                          text_len=text_len, vl_tokens=vl_tokens)
+    if device == "cpu":
+        need_of, where = (lambda j: _host_need(j, sizes)), "host RAM"
+    else:
+        need_of, where = (lambda j: smallest_budget(j, sizes, "stream")), "GPU memory at the smallest --vram"
+    if device != "cpu" and not planned:
+        needed = _device_need(job, sizes)
+        if needed <= available:
+            return needed
+        if need_of(job) <= available:     # it fits by streaming: say so before any work, not after an OOM
+            raise LoadError(f"a {job.width}x{job.height} edit needs {gib_up(needed)} of GPU memory with everything "
+                            f"resident and {gib_up(available)} is free; give --vram {gib_up(available).replace(' ', '')}"
+                            f" (weights then stream from host RAM; the least this edit runs in is "
+                            f"{gib_up(need_of(job))})")
+    needed = need_of(job)
+    if available is None or needed <= available:
+        return needed
+    lo, hi, step = 0.0, 1.0, 16          # the largest scale of (width, height) that fits, on the 16 px grid
+    sized = lambda f: (max(step, int(job.width * f) // step * step), max(step, int(job.height * f) // step * step))
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        w, h = sized(mid)
+        lo, hi = (mid, hi) if need_of(dataclasses.replace(job, width=w, height=h)) <= available else (lo, mid)
+    w, h = sized(lo)
+    fits = need_of(dataclasses.replace(job, width=w, height=h)) <= available
+    advice = f"the largest output that fits is --width {w} --height {h}" if fits else "even the smallest output does not fit"
+    raise LoadError(f"a {job.width}x{job.height} edit needs {gib_up(needed)} of {where}, "
+                    f"{gib_up(available)} is available; {advice}")
