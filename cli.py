@@ -184,6 +184,9 @@ def cmd_batch(args):
     inputs.check_transformer(args.transformer, args.model)
     images = [inputs.read_images(j.images, args.model) for j in jobs]
     tensors = [inputs.read_embeds(j.prompt_embeds) if getattr(j, "prompt_embeds", None) else None for j in jobs]
+    for j, ims, t in zip(jobs, images, tensors):
+        j.device, j.dtype, j.vram, j.offload = args.device, args.dtype, None, None
+        _check_fits(args.model, ims, j, text_encoder=t is None, cfg_batch=2 if j.cfg > 1 else 1, tensors=t)
     text = [i for i, t in enumerate(tensors) if t is None]
     if text:
         prompts = [[jobs[i].prompt] + ([jobs[i].negative_prompt] if jobs[i].cfg > 1 else []) for i in text]
