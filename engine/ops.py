@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kernels import attention as _attention
+from kernels import fp8_linear as _fp8_linear
 from loaders import LoadError, atomic_write_bytes
 from kernels import modulation as _modulation
 from kernels import qk_rope as _qk_rope
@@ -183,3 +184,12 @@ def linear_gelu(x, weight, bias):
         y = torch._addmm_activation(bias, x.reshape(-1, x.shape[-1]), weight.t(), use_gelu=True)
         return y.view(*x.shape[:-1], weight.shape[0])
     return F.gelu(F.linear(x, weight, bias), approximate="tanh")
+
+
+def linear_fp8(x, weight, scale, bias=None):
+    """x [..., K] @ (weight [N, K] float8_e4m3fn · scale [N] float32 per output channel)ᵀ + bias -> [..., N] in
+    x's dtype. On CUDA sm89+ (bf16): torch._scaled_mm with x quantized per token; elsewhere (CPU, older GPUs,
+    QIE_OPS=torch) the dequantized weight through F.linear, which is the reference."""
+    if os.environ.get("QIE_OPS", "triton") != "torch" and _fp8_linear.supports(x, weight, bias):
+        return _fp8_linear.fp8_linear(x, weight, scale, bias)
+    return _fp8_linear.fp8_linear_ref(x, weight, scale, bias)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from .fp8 import describe as describe_fp8, quant_plan, read_quantized
 from .safetensors_io import LoadError, check_keys
 
 PREFIXES = ("model.diffusion_model.", "diffusion_model.")
@@ -22,7 +23,6 @@ ROOTS = ("transformer_blocks.", "img_in.", "txt_in.", "txt_norm.", "time_text_em
 # ComfyUI's flag for Edit-2511 (condition tokens take the t=0 modulation): an empty tensor, not a parameter
 MARKER_2511 = "__index_timestep_zero__"
 FLOATS = {"BF16": "bf16", "F16": "fp16", "F32": "fp32", "F64": "fp64"}
-SCALE_NAMES = ("scale_weight", "weight_scale", "input_scale", "comfy_quant")  # fp8 scales / ComfyUI quant configs
 # what a file that holds no MMDiT looks like, by key prefix (after the transformer prefix is stripped)
 LOOKS_LIKE = (("a VAE", ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "first_stage_model.", "vae.")),
               ("a text encoder", ("model.layers.", "model.embed_tokens.", "model.language_model.", "model.visual.",
@@ -76,35 +76,6 @@ def _dtype_name(code):
     return FLOATS.get(code, code.lower())
 
 
-def _refuse_fp8(path, tensors, metadata, prefix):
-    """One line naming the first fp8 (or other quantized) sign found among the transformer's tensors."""
-    scales = [k for k in tensors if any(s in k.rsplit(".", 1)[-1] for s in SCALE_NAMES)]
-    fp8 = sorted(k for k, v in tensors.items() if v["dtype"].startswith("F8"))
-    layers = []
-    if "_quantization_metadata" in metadata:  # ComfyUI's per-layer formats, keyed by full file keys
-        try:
-            layers = [k for k in json.loads(metadata["_quantization_metadata"]).get("layers", {})
-                      if k.startswith(prefix)]
-        except (ValueError, AttributeError):
-            layers = ["?"]  # unreadable: quantized all the same
-    found = None
-    if "scaled_fp8" in tensors:
-        found = "a scaled_fp8 marker tensor"
-    elif scales:
-        found = f"{len(scales)} quantization scale/config tensor(s) such as {min(scales)}"
-    elif layers:
-        found = f"_quantization_metadata for {len(layers)} layer(s)"
-    elif fp8:
-        found = f"{len(fp8)} {_dtype_name(tensors[fp8[0]]['dtype'])} tensor(s) such as {fp8[0]}"
-    if found:
-        raise LoadError(f"{path}: fp8 checkpoints are not supported yet (found {found}); use a bf16 or fp16 file")
-    other = sorted(k for k, v in tensors.items() if v["dtype"] not in FLOATS)
-    if other:
-        k = other[0]
-        raise LoadError(f"{path}: {len(other)} tensor(s) of a quantized or non-float dtype, e.g. {k} is "
-                        f"{_dtype_name(tensors[k]['dtype'])}; use a bf16 or fp16 file")
-
-
 def _refuse_not_mmdit(path, keys):
     """One line saying what a file with no MMDiT keys looks like (a LoRA, a VAE, a text encoder)."""
     lora = [k for k in keys if "lora_" in k or ".lora." in k or k.endswith(".alpha")]
@@ -120,7 +91,14 @@ def _refuse_not_mmdit(path, keys):
 
 def check_transformer_file(path, expected=None):
     """Everything about a transformer file that its header tells, before any tensor is read (a bad file costs
-    no load): -> (header, size, prefix, own header entries with the prefix stripped, 2511 marker present)."""
+    no load): -> (header, size, prefix, own header entries with the prefix stripped, 2511 marker present).
+    An fp8 file's scales, markers and quantization configs are not among its own entries."""
+    return _check_file(path, expected)[:5]
+
+
+def _check_file(path, expected=None):
+    """check_transformer_file's answer and the file's loaders.fp8.Fp8Plan (None: nothing quantized). Of the
+    tensors, only ComfyUI's small per-layer `.comfy_quant` configs are read here."""
     path = Path(path)
     header, metadata, size = read_header(path)
     prefix = next((p for p in PREFIXES if any(k.startswith(p) for k in header)), "")
@@ -128,29 +106,36 @@ def check_transformer_file(path, expected=None):
     marker = MARKER_2511 in own or MARKER_2511 in header
     own.pop(MARKER_2511, None)
     _refuse_not_mmdit(path, list(own))
-    _refuse_fp8(path, own, metadata, prefix)
+    quant = quant_plan(path, own, metadata, prefix)  # one line for any quantization we do not read
+    if quant is not None:
+        own = {k: v for k, v in own.items() if k not in quant.aux}
     if expected is not None:  # shapes from the header: a mismatch costs no read
         check_keys(expected, {k: torch.empty(v["shape"], device="meta") for k, v in own.items()}, str(path))
-    return header, size, prefix, own, marker
+    return header, size, prefix, own, marker, quant
 
 
-def read_transformer_file(path, dtype=None, expected=None):
+def read_transformer_file(path, dtype=None, expected=None, keep_fp8=()):
     """The MMDiT's tensors from one .safetensors file -> (state, info).
 
     state: our parameter names -> tensors, floats cast to `dtype` one tensor at a time from the memory-mapped file
     (the peak is the state plus one tensor). expected (key -> shape, optional) is checked against the header before
     any tensor is read. info, for the caller to print: file, bytes, prefix ("" when bare), tensors (read),
     dtypes ({"bf16": n} on disk), ignored (tensors of other components), ignored_prefixes ({"first_stage_model.": n}),
-    index_timestep_zero (the 2511 marker: the caller turns zero_cond_t on)."""
+    index_timestep_zero (the 2511 marker: the caller turns zero_cond_t on), fp8 (None, or for an fp8 file
+    loaders.fp8.read_quantized's info). keep_fp8: layer names whose fp8 weights stay fp8, each with a float32
+    `<layer>.weight_scale` [out] beside it; every other fp8 tensor is dequantized to `dtype` as it is read."""
     path = Path(path)
-    header, size, prefix, own, marker = check_transformer_file(path, expected)
+    header, size, prefix, own, marker, quant = _check_file(path, expected)
     others = [k for k in header if not k.startswith(prefix)]
-    state = {}
+    state, fp8 = {}, None
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            for k in own:
-                t = f.get_tensor(prefix + k)
-                state[k] = t.to(dtype) if dtype is not None else t
+            if quant is None:
+                for k in own:
+                    t = f.get_tensor(prefix + k)
+                    state[k] = t.to(dtype) if dtype is not None else t
+            else:  # fp8 kept where keep_fp8 says, dequantized elsewhere: loaders/fp8.py
+                state, fp8 = read_quantized(f, own, quant, prefix, dtype, set(keep_fp8))
     except Exception as e:  # safetensors' own error types for data it cannot map
         why = (str(e).splitlines() or [type(e).__name__])[0]
         raise LoadError(f"cannot read {path}: {why}; the file is corrupt, re-download it") from None
@@ -162,9 +147,9 @@ def read_transformer_file(path, dtype=None, expected=None):
             ignored[root] = ignored.get(root, 0) + 1
     dtypes = {}
     for v in own.values():
-        dtypes[FLOATS[v["dtype"]]] = dtypes.get(FLOATS[v["dtype"]], 0) + 1
-    info = dict(file=str(path), bytes=size, prefix=prefix, tensors=len(state), dtypes=dtypes,
-                ignored=sum(ignored.values()), ignored_prefixes=ignored, index_timestep_zero=marker)
+        dtypes[_dtype_name(v["dtype"])] = dtypes.get(_dtype_name(v["dtype"]), 0) + 1
+    info = dict(file=str(path), bytes=size, prefix=prefix, tensors=len(own), dtypes=dtypes,
+                ignored=sum(ignored.values()), ignored_prefixes=ignored, index_timestep_zero=marker, fp8=fp8)
     return state, info
 
 
@@ -179,4 +164,6 @@ def summary(info):
         line += "; Edit-2511 marker: zero_cond_t on"
         if info.get("overrides", {}).get("zero_cond_t"):
             line += " (transformer/config.json said false)"
+    if info.get("fp8"):
+        line += "; " + describe_fp8(info["fp8"])
     return line

@@ -261,13 +261,14 @@ def test_bad_lora_scale_refused(env, tmp_path, capsys):
     assert "'abc' is not a number" in err and "FILE:SCALE" in err, err
 
 
-def test_fp8_transformer_refused(env, tmp_path, capsys):
+def test_e5m2_transformer_refused(env, tmp_path, capsys):
+    """e4m3fn fp8 files load (tests/test_fp8.py); an e5m2 one is refused before the text encoder runs."""
     key = "transformer_blocks.0.attn.to_q.weight"
-    state = {COMFY + k: (v.to(torch.float8_e4m3fn) if k == key else v).contiguous() for k, v in env.state.items()}
+    state = {COMFY + k: (v.to(torch.float8_e5m2) if k == key else v).contiguous() for k, v in env.state.items()}
     save_file(state, str(tmp_path / "fp8.safetensors"))
     err = refused(env, tmp_path, capsys, "--transformer", str(tmp_path / "fp8.safetensors"))
-    assert "fp8.safetensors: fp8 checkpoints are not supported yet" in err, err
-    assert "1 float8_e4m3fn tensor(s) such as " + key in err and "bf16 or fp16" in err, err
+    assert "fp8.safetensors" in err and key + " is float8_e5m2" in err, err
+    assert "only float8_e4m3fn fp8 files are read" in err, err
 
 
 def test_transformer_with_other_shapes_refused(env, tmp_path, capsys):

@@ -272,12 +272,14 @@ def param_shapes(cfg):
         return {k: v.shape for k, v in MMDiT(cfg).state_dict().items()}
 
 
-def load_mmdit(snapshot, dtype, device, file=None):
+def load_mmdit(snapshot, dtype, device, file=None, weights=None):
     """The MMDiT configured by the snapshot's transformer/config.json, its weights from transformer/*.safetensors
     or, given `file`, from that one .safetensors (ComfyUI layout; transformer/ then needs only config.json).
     model.source is None, or for a file read_transformer_file's info plus `overrides`: the config values the
-    file changed (an Edit-2511 marker turns zero_cond_t on)."""
+    file changed (an Edit-2511 marker turns zero_cond_t on). An fp8 file's block Linears stay fp8
+    (engine.transforms.fp8.FP8Linear) unless weights="bf16", which dequantizes every layer to `dtype` on load."""
     from loaders.single_file import read_transformer_file
+    from engine.transforms.fp8 import fp8_layer_names, use_fp8_linears
 
     d = snapshot.config("transformer")
     source, overrides = None, {}
@@ -285,12 +287,15 @@ def load_mmdit(snapshot, dtype, device, file=None):
         state, where = snapshot.weights("transformer", dtype=dtype), "transformer"
     else:
         # zero_cond_t adds no parameter: the snapshot's config gives the shapes before the marker is known
-        state, source = read_transformer_file(file, dtype, param_shapes(MMDiTConfig.from_dict(d)))
+        cfg = MMDiTConfig.from_dict(d)
+        keep = () if weights == "bf16" else fp8_layer_names(cfg.num_layers)
+        state, source = read_transformer_file(file, dtype, param_shapes(cfg), keep_fp8=keep)
         if source["index_timestep_zero"] and not d.get("zero_cond_t"):
             overrides["zero_cond_t"] = True
         source["overrides"], where = overrides, str(file)
     with torch.device("meta"):
         model = MMDiT(MMDiTConfig.from_dict({**d, **overrides}))
+    use_fp8_linears(model, [k[:-len(".weight_scale")] for k in state if k.endswith(".weight_scale")])
     assign(model, state, where)
     model = model.to(device).eval()
     model.source = source

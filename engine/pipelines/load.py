@@ -42,9 +42,12 @@ class EditModels:
         return line
 
 
-def load_models(model_dir, device="cpu", dtype="float32", plan=None, loras=(), transformer_file=None):
+def load_models(model_dir, device="cpu", dtype="float32", plan=None, loras=(), transformer_file=None, weights=None):
     """Transformer, VAE and scheduler config of the snapshot's pipeline. transformer_file: the MMDiT from
     one .safetensors file instead of transformer/*.safetensors (configured by transformer/config.json).
+    weights: None keeps what the checkpoint holds (an fp8 file's block Linears stay fp8); "fp8" quantizes the
+    block Linears to float8_e4m3fn after LoRA fusion and before placing (engine.transforms.fp8); "bf16"
+    dequantizes an fp8 file to `dtype` as it is read.
     loras: [(path or loaders.lora.Lora, scale)] fused into the weights, layer by layer in float32 on `device`: before streaming
     under a plan (so the pinned copies hold the fused weights), on the device otherwise. With a plan, the
     blocks beyond plan.mmdit_resident stream from pinned host memory; the modulation weights never reach
@@ -54,16 +57,25 @@ def load_models(model_dir, device="cpu", dtype="float32", plan=None, loras=(), t
     spec = pipeline_for(snap)
     snap.require("transformer", "vae", "scheduler")
     dt = torch_dtype(dtype)
-    transformer = load_mmdit(snap, dt, "cpu", file=transformer_file)
+    if weights not in (None, "bf16", "fp8"):
+        raise LoadError(f"unknown weights {weights!r}; use bf16 or fp8")
+    transformer = load_mmdit(snap, dt, "cpu", file=transformer_file, weights=weights)
     if transformer.cfg.use_additional_t_cond:
         raise LoadError(f"{model_dir}: use_additional_t_cond models (Qwen-Image-Layered) are not edit models")
     if loras:
         from engine.transforms.lora import fuse_loras
-    if loras and plan is not None:
+    # quantizing on load happens on the host before placing (the bf16 model never has to fit on the device), so
+    # LoRAs are fused before it: into the bf16 weights, not into fp8 ones
+    early = plan is not None or weights == "fp8"
+    if loras and early:
         fuse_loras(transformer, loras, compute_device=device)
+    quantized = 0
+    if weights == "fp8":
+        from engine.transforms.fp8 import quantize_fp8
+        quantized = quantize_fp8(transformer, compute_device=device)  # float32 work per layer on `device`
     vae = load_vae(snap, dt, "cpu")
     models = place_models(transformer, vae, SchedulerConfig.from_dict(snap.config("scheduler")), device, dt, plan)
-    if loras and plan is None:
+    if loras and not early:
         fuse_loras(transformer, loras, compute_device=device)
     models.spec = spec
     models.source = {"model": snap.root.name, "transformer": transformer_file and str(transformer_file),
@@ -71,6 +83,9 @@ def load_models(model_dir, device="cpu", dtype="float32", plan=None, loras=(), t
     if transformer_file:
         from loaders.single_file import summary
         models.source["notes"].append(summary(transformer.source))
+    if quantized:
+        models.source["notes"].append(f"fp8: {quantized} block Linears quantized to float8_e4m3fn on load "
+                                      "(one scale per output channel)")
     models.timings["load"] = time.perf_counter() - start
     return models
 

@@ -14,6 +14,8 @@ import torch.nn as nn
 from loaders import LoadError
 from loaders.lora import Lora, match_lora, read_lora
 
+from engine.transforms.fp8 import FP8Linear, dequantize_rows, quantize_rows
+
 FUSABLE = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -49,7 +51,7 @@ def parse_lora_arg(arg):
 def fuse_loras(model, loras, compute_device=None):
     """Add each (path or Lora, scale) of `loras` into `model`'s Linear weights. The update is computed in float32
     on `compute_device` (default: where each weight lives) one layer at a time. Returns a Fused per LoRA."""
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, FP8Linear))}
     shapes = {n: tuple(m.weight.shape) for n, m in linears.items()}
     plan, summary = {}, []  # plan: module name -> [(Layer, scale · alpha / rank)] over all LoRAs
     for source, scale in loras:
@@ -62,18 +64,30 @@ def fuse_loras(model, loras, compute_device=None):
         summary.append(Fused(lora.path, scale, len(matched), tuple(sorted({l.rank for l in matched.values()}))))
     for name in plan:
         w = linears[name].weight
-        if w.dtype not in FUSABLE or w.is_meta:
+        if (w.dtype not in FUSABLE and not isinstance(linears[name], FP8Linear)) or w.is_meta:
             raise ValueError(f"cannot fuse a LoRA into {name} ({w.dtype} on {w.device}): fuse LoRAs into the "
-                             "loaded bf16/fp16/fp32 weights, before fp8 quantization")
+                             "loaded bf16/fp16/fp32 weights or an FP8Linear (float8_e4m3fn + scales)")
     with torch.no_grad():
         for name, updates in plan.items():
-            _fuse_one(linears[name].weight, updates, compute_device)
+            _fuse_one(linears[name], updates, compute_device)
     return summary
 
 
-def _fuse_one(weight, updates, device):
+def _fuse_one(module, updates, device):
+    weight = module.weight
     device = weight.device if device is None else torch.device(device)
-    acc = weight.detach().to(device=device, dtype=torch.float32, copy=True)  # [out, in]: this layer only
+    fp8 = isinstance(module, FP8Linear)
+    if fp8:  # the weight the layer computes with, W = q · s per output channel, in float32
+        acc = dequantize_rows(weight.to(device), module.weight_scale.to(device))
+    else:
+        acc = weight.detach().to(device=device, dtype=torch.float32, copy=True)  # [out, in]: this layer only
     for layer, factor in updates:
         acc.addmm_(layer.up.to(device), layer.down.to(device), alpha=factor)  # [out, r] @ [r, in]
-    weight.copy_(acc)  # back into the weight's own dtype and device
+    if fp8:
+        # requantized per output channel with new scales (the update moves each row's amax); adding the update to
+        # a plainly downcast weight instead would round it to the old fp8 grid and show as grid artifacts
+        q, scale = quantize_rows(acc)
+        weight.copy_(q)
+        module.weight_scale.copy_(scale)
+    else:
+        weight.copy_(acc)  # back into the weight's own dtype and device

@@ -1,0 +1,72 @@
+"""FP8 linear: y = x @ (W_q · s_w)ᵀ + b with W_q float8_e4m3fn [N, K] and one float32 scale per output channel.
+
+Test:  python -m pytest -q tests/test_fp8.py                (CPU: the reference, and the launcher's call layout)
+       python -m pytest -q -m gpu tests/test_fp8.py         (GPU: torch._scaled_mm against the reference)
+
+Here the "kernel" is torch._scaled_mm (cuBLASLt/CUTLASS fp8 GEMM, Ada sm89 and Hopper sm90 and later) with rowwise
+scales: the activation is quantized per token (its own float32 scale per row of x), the weight carries its scale
+per output channel, and the GEMM multiplies both back in its epilogue, accumulating in float32. The reference is
+the dequantized matmul: W = W_q.float() · s_w[:, None] cast to x's dtype, then F.linear.
+
+The quantization rule (both operands): scale = amax(|row|) / 448 (448 = the largest finite e4m3fn), row / scale
+clamped to ±448 and rounded to nearest. e4m3fn keeps 3 mantissa bits, so a value in a normal binade is off by at
+most half a step: 2^-4 of itself; below 2^-6 (subnormals, step 2^-9) by at most 2^-10 absolute. In row units:
+|W - W_dq| <= max(2^-4 |W|, 2^-10 · amax / 448) <= 2^-4 · amax.
+"""
+import functools
+
+import torch
+import torch.nn.functional as F
+
+E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+
+
+def quantize_rows(t):
+    """t [R, C] (any float dtype) -> (q float8_e4m3fn [R, C], scale float32 [R]) with t ≈ q.float() · scale[:, None].
+    The scale never reaches zero (an all-zero row gets the smallest normal float32 and quantizes to zeros)."""
+    t = t.float()
+    scale = (t.abs().amax(-1) / E4M3_MAX).clamp(min=torch.finfo(torch.float32).tiny)  # [R]
+    q = (t / scale[:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def dequantize_rows(q, scale, dtype=torch.float32):
+    """(q [R, C] fp8, scale [R] float32) -> q · scale[:, None], computed in float32 and cast to `dtype` once."""
+    return (q.float() * scale[:, None]).to(dtype)
+
+
+def fp8_linear_ref(x, weight, scale, bias=None):
+    """x [..., K] (float) · dequantized weight [N, K]ᵀ + bias [N] -> [..., N] in x's dtype."""
+    return F.linear(x, dequantize_rows(weight, scale, x.dtype), bias)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index):
+    return torch.cuda.get_device_capability(index)
+
+
+def supports(x, weight, bias=None):
+    """Whether fp8_linear runs these inputs: CUDA sm89+ with torch._scaled_mm, bf16 activations (rowwise scaling
+    gives bf16 output only), e4m3fn weights, K and N multiples of 16 (cuBLASLt's fp8 alignment)."""
+    return (x.is_cuda and hasattr(torch, "_scaled_mm") and x.dtype == torch.bfloat16
+            and weight.dtype == torch.float8_e4m3fn and weight.is_cuda
+            and _capability(x.device.index if x.device.index is not None else torch.cuda.current_device()) >= (8, 9)
+            and x.shape[-1] % 16 == 0 and weight.shape[0] % 16 == 0
+            and (bias is None or bias.dtype == x.dtype))
+
+
+def fp8_linear(x, weight, scale, bias=None):
+    """The fp8 GEMM: x [..., K] quantized per token, weight [N, K] e4m3fn with scale [N] float32 -> [..., N] in
+    x's dtype. Call through ops.linear_fp8 (which checks `supports`); the shapes are checked here."""
+    K, N = x.shape[-1], weight.shape[0]
+    if weight.shape[1] != K or scale.shape != (N,) or scale.dtype != torch.float32:
+        raise ValueError(f"fp8_linear: x [..., {K}], weight {tuple(weight.shape)} {weight.dtype}, "
+                         f"scale {tuple(scale.shape)} {scale.dtype}: want weight [N, {K}], scale [N] float32")
+    x_q, x_scale = quantize_rows(x.reshape(-1, K))     # [M, K] e4m3fn row-major, [M] float32
+    # mat2 = weight.t(): [K, N] column-major, as cuBLASLt's fp8 GEMM wants it (no copy);
+    # scale_a [M, 1] and scale_b [1, N] select rowwise scaling
+    y = torch._scaled_mm(x_q, weight.t(), scale_a=x_scale[:, None], scale_b=scale[None, :], bias=bias,
+                         out_dtype=x.dtype)
+    if isinstance(y, tuple):   # older torch returned (out, amax)
+        y = y[0]
+    return y.view(*x.shape[:-1], N)
