@@ -27,6 +27,10 @@ def _add_run_args(p):
                    help="a LoRA fused into the transformer on load (repeatable; SCALE default 1)")
     p.add_argument("--transformer", metavar="FILE.safetensors",
                    help="the transformer from one file (ComfyUI/single-file layout) instead of the snapshot's")
+    p.add_argument("--weights", choices=["bf16", "fp8"], default=None,
+                   help="the transformer's block Linears: fp8 (float8_e4m3fn, one scale per output channel; a bf16 "
+                        "checkpoint is quantized on load, after LoRA fusion) or bf16 (an fp8 file is dequantized to "
+                        "--dtype on load); default: what the checkpoint holds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--width", type=int, default=None, help="output width (default: the ~1 MP condition size)")
     p.add_argument("--height", type=int, default=None)
@@ -126,15 +130,16 @@ def _encode(model_dir, images, args, plan=None):
 def _load(model_dir, args, loras, plan=None):
     from engine.pipelines.load import load_models
     models = load_models(model_dir, device=args.device, dtype=_dtype(args), plan=plan, loras=loras,
-                         transformer_file=args.transformer)
+                         transformer_file=args.transformer, weights=getattr(args, "weights", None))
     for line in models.source.get("notes", []):
         print(f"note: {line}", file=sys.stderr)
     return models
 
 
-def _edit_one(models, images, tensors, job, out_path, force):
+def _edit_one(models, images, tensors, job, out_path, force, run=None):
     """One edit with loaded models; job carries steps, cfg, seed, width, height, sampler and what the
-    PNG's text records (prompt or prompt_embeds, negative_prompt, image paths)."""
+    PNG's text records (prompt or prompt_embeds, negative_prompt, image paths). run: the pipeline function
+    (common.edit's signature; default edit, e.g. an InpaintJob's run)."""
     from tqdm import tqdm
 
     from engine.config import RunOptions
@@ -154,7 +159,7 @@ def _edit_one(models, images, tensors, job, out_path, force):
         print("note: no negative prompt embeddings, so CFG is off", file=sys.stderr)
     bar = tqdm(total=job.steps, desc="denoise", unit="step", file=sys.stderr)
     try:
-        out = edit(models, images, tensors["prompt_embeds"], tensors.get("prompt_embeds_mask"),
+        out = (run or edit)(models, images, tensors["prompt_embeds"], tensors.get("prompt_embeds_mask"),
                    tensors.get("negative_prompt_embeds"), tensors.get("negative_prompt_embeds_mask"),
                    opts, progress=lambda i: bar.update(1))
     finally:
@@ -230,7 +235,16 @@ def cmd_edit(args):
     _check_run(args)
     if (args.prompt is None) == (args.prompt_embeds is None):
         raise _input_error("give exactly one of --prompt TEXT or --prompt-embeds FILE")
-    images = inputs.read_images(args.image, args.model)
+    job = None
+    if args.mask is not None or args.outpaint is not None or args.strength is not None:
+        from engine.pipelines import inpaint, pipeline_for
+        if args.mask is None and args.outpaint is None:
+            raise _input_error("--strength needs --mask MASK.png or --outpaint L,T,R,B")
+        job = inpaint.read_job(pipeline_for(args.model), args.image, args.mask, args.outpaint, args.strength,
+                               args.steps, args.width, args.height)
+        for line in job.notes:
+            print(f"note: {line}", file=sys.stderr)
+    images = job.seen if job else inputs.read_images(args.image, args.model)   # what the text encoder sees
     loras = inputs.read_loras(args.lora, args.model)
     inputs.check_transformer(args.transformer, args.model)
     tensors = inputs.read_embeds(args.prompt_embeds) if args.prompt_embeds else None
@@ -241,7 +255,28 @@ def cmd_edit(args):
         tensors = _encode(args.model, images, args, plan)
     args.images = args.image
     models = _load(args.model, args, loras, plan)
-    _edit_one(models, images, tensors, args, args.out, args.force)
+    if job:
+        models.spec = job.spec      # the PNG's text names the inpaint pipeline and its strength
+        args.inpaint_strength = job.strength
+    _edit_one(models, images, tensors, args, args.out, args.force, job and job.run)
+    print(models.memory_summary())
+
+
+def cmd_generate(args):
+    """Text to image with a Qwen-Image (QwenImagePipeline) snapshot: the edit's flow with no image."""
+    from engine.pipelines import generate, inputs, pipeline_for
+    _check_out(args)
+    _check_run(args)
+    generate.check_snapshot(pipeline_for(args.model))
+    loras = inputs.read_loras(args.lora, args.model)
+    inputs.check_transformer(args.transformer, args.model)
+    cfg_batch = 2 if args.cfg > 1 else 1
+    _check_fits(args.model, [], args, text_encoder=True, cfg_batch=cfg_batch)
+    plan = _plan(args.model, [], args, text_encoder=True, cfg_batch=cfg_batch)
+    tensors = _encode(args.model, [], args, plan)
+    args.images, args.prompt_embeds = [], None
+    models = _load(args.model, args, loras, plan)
+    _edit_one(models, [], tensors, args, args.out, args.force)
     print(models.memory_summary())
 
 
@@ -344,6 +379,15 @@ def cmd_bench(args):
     runpy.run_module(module, run_name="__main__")
 
 
+def cmd_serve(args):
+    """The warm server (engine/server): loads once, then edits over HTTP until interrupted."""
+    from engine.server import serve
+    args.dtype = _dtype(args)
+    if args.device == "cuda":
+        _remember_kernel_choices()
+    serve(args)
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="cli.py", description="Qwen-Image-Edit (and 2509/2511), locally.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -354,8 +398,20 @@ def build_parser():
     e.add_argument("--prompt", help="the edit instruction")
     e.add_argument("--negative-prompt", default=" ", help='negative prompt for true CFG (default " ")')
     e.add_argument("--prompt-embeds", help="instead of --prompt: a file from `encode` (prompt_embeds, _mask, negative_*)")
+    e.add_argument("--mask", metavar="MASK.png", help="inpaint: repaint where the mask is white (Qwen-Image-Edit "
+                   "or Qwen-Image snapshots; resized to the working size if it differs)")
+    e.add_argument("--strength", type=float, default=None, help="inpaint: how much of the schedule runs, in (0, 1] "
+                   "(default 0.6; 1.0 when only --outpaint)")
+    e.add_argument("--outpaint", metavar="L,T,R,B", help="pad the canvas by these pixels (edge-extended) and repaint "
+                   "the padding")
     _add_run_args(e)
     e.set_defaults(fn=cmd_edit)
+    g = sub.add_parser("generate", help="text to image (a Qwen-Image snapshot)")
+    g.add_argument("--model", required=True, help="snapshot folder of Qwen/Qwen-Image (QwenImagePipeline)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--negative-prompt", default=" ", help='negative prompt for true CFG (default " ")')
+    _add_run_args(g)
+    g.set_defaults(fn=cmd_generate)   # size: 1024x1024 unless --width/--height
     c = sub.add_parser("encode", help="encode a prompt (+ negative) with the text encoder, for --prompt-embeds")
     c.add_argument("--model", required=True)
     c.add_argument("--image", required=True, action="append",
@@ -385,6 +441,20 @@ def build_parser():
     i = sub.add_parser("inspect", help="what a snapshot or .safetensors file holds, or what an output PNG records")
     i.add_argument("model", help="a snapshot folder, a .safetensors file (transformer, LoRA, embeddings) or an output .png")
     i.set_defaults(fn=cmd_inspect)
+    s = sub.add_parser("serve", help="keep the models warm behind an HTTP API and a web page (pip install -e \".[serve]\")")
+    s.add_argument("--model", required=True, help="snapshot folder with its text_encoder/ and processor/")
+    s.add_argument("--transformer", metavar="FILE.safetensors", help="the transformer from one file")
+    s.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="fused on load (repeatable)")
+    s.add_argument("--vram", help="VRAM budget (CUDA), e.g. 16GiB: planned once for the largest accepted edit")
+    s.add_argument("--host", default="127.0.0.1", help="a non-loopback address needs --token")
+    s.add_argument("--port", type=int, default=7860)
+    s.add_argument("--token", default=os.environ.get("QIE_SERVE_TOKEN"),
+                   help="require Authorization: Bearer TOKEN on every request (default: $QIE_SERVE_TOKEN)")
+    s.add_argument("--queue", type=int, default=16, help="edits that may wait; more are answered 429")
+    s.add_argument("--max-pixels", type=int, default=4096 * 4096, help="largest output (width x height)")
+    s.add_argument("--device", default="cuda" if _cuda() else "cpu", choices=["cpu", "cuda"])
+    s.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    s.set_defaults(fn=cmd_serve)
     return p
 
 
@@ -420,7 +490,7 @@ def _remember_kernel_choices():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.fn in (cmd_edit, cmd_encode, cmd_batch, cmd_demo):
+    if args.fn in (cmd_edit, cmd_encode, cmd_batch, cmd_demo, cmd_generate):
         _remember_kernel_choices()
     from engine.text.processor import PromptError
     from loaders import LoadError

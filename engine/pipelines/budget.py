@@ -7,7 +7,9 @@ from engine.pipelines import pipeline_for
 
 
 def _sizes(images):
-    """PIL images or (w, h) pairs -> [(w, h)]."""
+    """PIL images or (w, h) pairs -> [(w, h)]; [] for none (text to image)."""
+    if isinstance(images, (list, tuple)) and not images:
+        return []
     items = images if isinstance(images, (list, tuple)) and not isinstance(images[0], int) else [images]
     return [tuple(im.size) if hasattr(im, "size") else tuple(im) for im in items]
 
@@ -27,12 +29,15 @@ def edit_job(model_dir, images, width, height, cfg_batch, text_encoder, dtype, a
     spec.check_images(len(sizes))
     vae_sizes = spec.vae_sizes(sizes, area)
     ow, oh = spec.output_size(sizes, area)
-    cw, ch = max(vae_sizes, key=lambda s: s[0] * s[1])      # the largest VAE encode
+    # the largest VAE encode; with no condition image, one at the output size (an inpaint's init image)
+    cw, ch = max(vae_sizes, key=lambda s: s[0] * s[1]) if vae_sizes else (width or ow, height or oh)
     if vl_tokens is None and text_encoder:    # the VL processor's own resize, at its default limits
         cfg = ImageConfig()
         f = cfg.patch_size * cfg.merge_size
         vl_tokens = sum(h * w // f ** 2 for h, w in (smart_resize(h, w, f, cfg.min_pixels, cfg.max_pixels)
                                                      for w, h in spec.vl_sizes(sizes, area)))
+    if text_len is not None and spec.max_text_tokens:
+        text_len = min(text_len, spec.max_text_tokens)
     text_cfg = read_config(snap.config("text_encoder")) if text_encoder else None
     model_sizes = model_sizes_from_configs(MMDiTConfig.from_dict(snap.config("transformer")), text_cfg,
                                            VAEConfig.from_dict(snap.config("vae")), torch_dtype(dtype).itemsize)
@@ -44,15 +49,12 @@ def edit_job(model_dir, images, width, height, cfg_batch, text_encoder, dtype, a
 def prompt_lengths(model_dir, images, prompts, area=1024 * 1024, resize="pil"):
     """(MMDiT text tokens of the longest prompt, VL image tokens) that encode_text will produce, from the
     tokenizer and the image preprocessing alone (no model loaded): the planner's exact text sizes."""
-    from engine.pipelines.text import prompt_images
-    from engine.text.processor import TEMPLATE_DROP, load_processor
+    from engine.pipelines.text import prompt_images, prompt_tokens
+    from engine.text.processor import load_processor
     snap = Snapshot(model_dir)
     spec = pipeline_for(snap)
     processor = load_processor(snap, resize=resize)
-    vl = prompt_images(spec, images, area)
-    inputs = processor(list(prompts), vl, spec.template(len(vl)))
-    n_image = int(inputs["image_grid_thw"].prod(-1).sum()) // processor.image_cfg.merge_size ** 2
-    return int(inputs["attention_mask"].sum(1).max()) - TEMPLATE_DROP, n_image
+    return prompt_tokens(processor, spec, prompts, prompt_images(spec, images, area))
 
 
 def make_plan(model_dir, images, width, height, cfg_batch, text_encoder, budget, mode, dtype, area=1024 * 1024,

@@ -1,6 +1,7 @@
-"""The steps every edit pipeline shares: condition latents, the CFG denoise loop, decode, image <-> tensor,
+"""The steps every pipeline shares: condition latents, the CFG denoise loop, decode, image <-> tensor,
 and `edit`, their composition. What differs per pipeline is its EditSpec (spec.py; one small module each:
-edit.py, edit_plus.py), chosen from the snapshot's model_index.json when the models load (load.py).
+edit.py, edit_plus.py, generate.py (zero images)), chosen from the snapshot's model_index.json when the
+models load (load.py); inpaint.py composes the same steps with its init latents and mask blend.
 
 Only orchestration lives here; the math is in models/, scheduler.py and ops.
 """
@@ -56,8 +57,8 @@ def pad_text(embeds, lengths):
     return out, torch.tensor(lengths)
 
 
-def _prompt_rows(embeds, mask, what):
-    """[1, L, D] embeddings + optional [1, L] mask -> ([valid L, D], valid length)."""
+def _prompt_rows(embeds, mask, what, limit=None):
+    """[1, L, D] embeddings + optional [1, L] mask -> ([valid L, D], valid length), cut to `limit` tokens."""
     if embeds is None:
         return None
     if embeds.dim() != 3 or embeds.shape[0] != 1:
@@ -67,6 +68,7 @@ def _prompt_rows(embeds, mask, what):
     n = int(mask_to_lengths(mask, what + "_mask")[0]) if mask is not None else embeds.shape[1]
     if n == 0:
         raise LoadError(f"{what} has no valid token")
+    n = min(n, limit or n)
     return embeds[0, :n], n
 
 
@@ -106,7 +108,7 @@ def condition_latents(models, images, area):
     """Each image at its VAE size -> normalized latents as tokens: ([1, ΣNc, 64], [(1, h, w)] per image)."""
     spec, vae, plan = models.spec or EDIT, models.vae, models.plan
     multiple = vae.cfg.scale_factor * 2
-    tokens, shapes = [], []
+    tokens, shapes = [torch.zeros(1, 0, 4 * vae.cfg.z_dim, device=models.device, dtype=models.dtype)], []
     for im, (w, h) in zip(images, spec.vae_sizes([im.size for im in images], area)):
         z = vae.encode(image_to_tensor(im, w, h).to(models.device, models.dtype),
                        tile=plan.encode_tile if plan else None)
@@ -115,10 +117,12 @@ def condition_latents(models, images, area):
     return torch.cat(tokens, dim=1), shapes
 
 
-def denoise(models, latents, cond_tokens, txt, txt_len, img_shapes, sigmas, timesteps, cfg, progress=None):
+def denoise(models, latents, cond_tokens, txt, txt_len, img_shapes, sigmas, timesteps, cfg, progress=None,
+            blend=None):
     """The flow-match Euler loop with true CFG (norm rescale) when txt has 2 rows. latents [1, N, 64];
     cond_tokens [B, Nc, 64]; txt [B, L, D] right-padded, txt_len [B] on the host. Rows run batched, or, when
-    the plan says so to save activation memory, one at a time through each block or as two B=1 forwards."""
+    the plan says so to save activation memory, one at a time through each block or as two B=1 forwards.
+    blend(i, latents) -> latents runs after each step (an inpaint puts the re-noised original back)."""
     mm, dev, dt, plan = models.transformer, models.device, models.dtype, models.plan
     B = txt.shape[0]
     rope = mm.rope(img_shapes, txt.shape[1], dev)
@@ -140,20 +144,66 @@ def denoise(models, latents, cond_tokens, txt, txt_len, img_shapes, sigmas, time
             comb = neg + cfg * (pos - neg)
             v = comb * (torch.norm(pos, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
         latents = sched.euler_step(latents, v, sigmas[i], sigmas[i + 1])
+        if blend is not None:
+            latents = blend(i, latents)
         if progress is not None:
             progress(i)
     return latents
 
 
+def text_batch(models, prompt_embeds, prompt_mask, negative_embeds, negative_mask, cfg):
+    """The prompt (+ the negative prompt when CFG runs) -> (txt [B, L, D] right-padded on the device, txt_len
+    [B] on the host: the model copies it without a sync and reads it to choose backends)."""
+    limit = (models.spec or EDIT).max_text_tokens
+    rows = [_prompt_rows(prompt_embeds, prompt_mask, "prompt_embeds", limit)]
+    if negative_embeds is not None and cfg > 1:
+        rows.append(_prompt_rows(negative_embeds, negative_mask, "negative_prompt_embeds", limit))
+    return pad_text([r[0].to(models.device, models.dtype) for r in rows], [r[1] for r in rows])
+
+
+def latent_size(models, width, height):
+    """(h, w) of the latent grid of a width x height output (2 latent px per token)."""
+    multiple = models.vae.cfg.scale_factor * 2
+    return 2 * (height // multiple), 2 * (width // multiple)
+
+
+def draw_noise(models, gen, lh, lw):
+    """Seeded noise drawn on the CPU in the reference's layout [1, 1, z, h, w] and dtype -> [1, N, 64] tokens."""
+    noise = torch.randn((1, 1, models.vae.cfg.z_dim, lh, lw), generator=gen, dtype=models.dtype)
+    return pack(noise[:, 0].to(models.device))
+
+
+def schedule(models, opts, n_tokens):
+    """(sigmas [steps + 1], timesteps [steps]) of opts' sampler, shifted for n_tokens noisy tokens."""
+    cfg = sched.sampler_config(opts.sampler, models.scheduler)
+    return sched.sigmas_for(cfg, opts.steps, mu=sched.image_seq_mu(n_tokens, cfg), sigmas=opts.sigmas)
+
+
+def denoise_and_decode(models, latents, cond_tokens, cond_shapes, txt, txt_len, sigmas, timesteps, lh, lw, cfg,
+                       progress=None, blend=None):
+    """denoise (cond_tokens [1, Nc, 64], shared by the rows), then the VAE decode -> a PIL image."""
+    vae = models.vae
+    img_shapes = [(1, lh // 2, lw // 2)] + cond_shapes
+    t1 = time.perf_counter()
+    latents = denoise(models, latents, cond_tokens.expand(txt.shape[0], -1, -1), txt, txt_len, img_shapes,
+                      sigmas, timesteps, cfg, progress, blend)
+    _mark(models, "denoise", t1)   # the modulation table is freed: the VAE decode gets its memory
+
+    t2 = time.perf_counter()
+    z = vae.denormalize(unpack(latents, lh, lw))
+    out = tensor_to_image(vae.decode(z, tile=models.plan.decode_tile if models.plan else None))
+    _mark(models, "vae_decode", t2)
+    return out
+
+
 def edit(models: EditModels, images, prompt_embeds, prompt_mask=None, negative_embeds=None, negative_mask=None,
          opts: RunOptions = None, progress=None):
-    """images: one PIL RGB image or a list (the pipeline's "Picture 1, 2, ..." in order); prompt embeddings
-    [1, L, D] (+ masks [1, L]). CFG runs when negative embeddings are given and opts.cfg > 1, cond and
-    uncond as one B=2 batch (or split under a VRAM plan). Returns a PIL image."""
+    """images: one PIL RGB image or a list (the pipeline's "Picture 1, 2, ..." in order; none for text to
+    image); prompt embeddings [1, L, D] (+ masks [1, L]). CFG runs when negative embeddings are given and
+    opts.cfg > 1, cond and uncond as one B=2 batch (or split under a VRAM plan). Returns a PIL image."""
     opts = opts or RunOptions()
     images = list(images) if isinstance(images, (list, tuple)) else [images]
     (models.spec or EDIT).check_images(len(images))
-    vae, dev, dt = models.vae, models.device, models.dtype
     _mark(models, "before", None)
     t0 = time.perf_counter()
     width, height = output_size(models, images, opts)
@@ -161,30 +211,9 @@ def edit(models: EditModels, images, prompt_embeds, prompt_mask=None, negative_e
     with torch.inference_mode():
         cond_tokens, cond_shapes = condition_latents(models, images, opts.condition_area)  # [1, ΣNc, 64]
         _mark(models, "vae_encode", t0)
-
-        rows = [_prompt_rows(prompt_embeds, prompt_mask, "prompt_embeds")]
-        if negative_embeds is not None and opts.cfg > 1:
-            rows.append(_prompt_rows(negative_embeds, negative_mask, "negative_prompt_embeds"))
-        # txt_len stays on the host: the model copies it without a sync and reads it to choose backends
-        txt, txt_len = pad_text([r[0].to(dev, dt) for r in rows], [r[1] for r in rows])
-
-        multiple = vae.cfg.scale_factor * 2
-        lh, lw = 2 * (height // multiple), 2 * (width // multiple)  # latent size
-        gen = torch.Generator("cpu").manual_seed(opts.seed)
-        noise = torch.randn((1, 1, vae.cfg.z_dim, lh, lw), generator=gen, dtype=dt)  # the reference's layout
-        latents = pack(noise[:, 0].to(dev))  # [1, N, 64]
-        img_shapes = [(1, lh // 2, lw // 2)] + cond_shapes
-
-        schedule = sched.sampler_config(opts.sampler, models.scheduler)
-        mu = sched.image_seq_mu(latents.shape[1], schedule)
-        sigmas, timesteps = sched.sigmas_for(schedule, opts.steps, mu=mu, sigmas=opts.sigmas)
-        t1 = time.perf_counter()
-        latents = denoise(models, latents, cond_tokens.expand(txt.shape[0], -1, -1), txt, txt_len, img_shapes,
-                          sigmas, timesteps, opts.cfg, progress)
-        _mark(models, "denoise", t1)   # the modulation table is freed: the VAE decode gets its memory
-
-        t2 = time.perf_counter()
-        z = vae.denormalize(unpack(latents, lh, lw))
-        out = tensor_to_image(vae.decode(z, tile=models.plan.decode_tile if models.plan else None))
-        _mark(models, "vae_decode", t2)
-    return out
+        txt, txt_len = text_batch(models, prompt_embeds, prompt_mask, negative_embeds, negative_mask, opts.cfg)
+        lh, lw = latent_size(models, width, height)
+        latents = draw_noise(models, torch.Generator("cpu").manual_seed(opts.seed), lh, lw)  # [1, N, 64]
+        sigmas, timesteps = schedule(models, opts, latents.shape[1])
+        return denoise_and_decode(models, latents, cond_tokens, cond_shapes, txt, txt_len, sigmas, timesteps,
+                                  lh, lw, opts.cfg, progress)

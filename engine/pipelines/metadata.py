@@ -10,7 +10,8 @@ from engine.pipelines.edit import SPEC as EDIT
 
 def edit_parameters(models, job, size, cfg_on):
     """models: EditModels (its .source); job: prompt or prompt_embeds, negative_prompt, images, seed, steps,
-    cfg, sampler; size: the output (w, h); cfg_on: whether CFG ran."""
+    cfg, sampler (and for an inpaint mask, outpaint, inpaint_strength); size: the output (w, h); cfg_on:
+    whether CFG ran."""
     source = models.source or {}
     p = {"prompt": getattr(job, "prompt", None), "negative_prompt": getattr(job, "negative_prompt", None) if cfg_on else None,
          "prompt_embeds": getattr(job, "prompt_embeds", None) and Path(job.prompt_embeds).name,
@@ -19,6 +20,8 @@ def edit_parameters(models, job, size, cfg_on):
          "size": f"{size[0]}x{size[1]}", "model": source.get("model"), "pipeline": (models.spec or EDIT).class_name,
          "transformer": source.get("transformer") and Path(source["transformer"]).name,
          "loras": [{"file": Path(f).name, "scale": s} for f, s in source.get("loras", [])],
+         "mask": getattr(job, "mask", None) and Path(job.mask).name, "outpaint": getattr(job, "outpaint", None),
+         "strength": getattr(job, "inpaint_strength", None),
          "engine": f"qwen-image-edit-engine {__version__}"}
     return {k: v for k, v in p.items() if v is not None and v != []}
 
@@ -32,6 +35,9 @@ def png_text(models, job, size, cfg_on):
               f"Size: {p['size']}", f"Model: {p.get('model')}"]
     fields += [f"Transformer: {p['transformer']}"] if "transformer" in p else []
     fields += [f"Lora: {lo['file']}:{lo['scale']:g}" for lo in p.get("loras", [])]
+    fields += [f"Mask: {p['mask']}"] if "mask" in p else []
+    fields += [f"Outpaint: {p['outpaint']}"] if "outpaint" in p else []
+    fields += [f"Denoising strength: {p['strength']:g}"] if "strength" in p else []
     fields.append(f"Version: {p['engine']}")
     lines.append(", ".join(fields))
     return {"parameters": "\n".join(lines), "qwen_image_edit": json.dumps(p, ensure_ascii=False)}

@@ -1,10 +1,13 @@
-"""What one edit pipeline does differently from the others: its chat template, how many images it takes,
-the sizes its images are seen at by the VL model and by the VAE, and where the output size comes from."""
+"""What one pipeline does differently from the others: its chat template and the template tokens it drops,
+how many images it takes (none for text to image), the sizes its images are seen at by the VL model and by
+the VAE, where the output size comes from, and how many prompt-embedding tokens it keeps."""
 import math
 from dataclasses import dataclass
 from typing import Callable
 
 from loaders import LoadError
+
+from engine.text.templates import TEMPLATE_DROP
 
 
 def condition_size(width, height, area=1024 * 1024):
@@ -24,9 +27,16 @@ class EditSpec:
     max_images: int
     template: Callable[[int], str]      # n_images -> chat template with one {} for the prompt
     vl_area: int = None                 # pixels the VL model sees each image at; None: the VAE's size
+    min_images: int = 1
+    drop: int = TEMPLATE_DROP           # leading template tokens cut from the text encoder's output
+    max_text_tokens: int = None         # prompt embeddings cut to this many (the reference's max_sequence_length)
+    default_size: tuple = (1024, 1024)  # the output (w, h) when there is no image to take it from
 
     def check_images(self, n):
-        if not 1 <= n <= self.max_images:
+        if self.max_images == 0 and n:
+            raise LoadError(f"{self.class_name} makes images from text: use `cli.py generate` (or `cli.py edit "
+                            "--mask` to inpaint an image)")
+        if not self.min_images <= n <= self.max_images:
             many = "one image" if self.max_images == 1 else f"1 to {self.max_images} images"
             raise LoadError(f"{self.class_name} takes {many} (--image, repeatable, in order), got {n}")
 
@@ -40,4 +50,4 @@ class EditSpec:
 
     def output_size(self, sizes, area=1024 * 1024):
         """The default output size: the last image's VAE size, as the reference pipelines do."""
-        return condition_size(*sizes[-1], area)
+        return condition_size(*sizes[-1], area) if sizes else self.default_size

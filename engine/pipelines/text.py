@@ -38,7 +38,7 @@ def encode_texts(model_dir, jobs, device="cpu", dtype="float32", area=1024 * 102
 
 def prompt_images(spec, images, area=1024 * 1024):
     """The images as the pipeline hands them to the VL processor: Lanczos-resized to its VL size."""
-    images = images if isinstance(images, (list, tuple)) else [images]
+    images = list(images) if isinstance(images, (list, tuple)) else [images]
     spec.check_images(len(images))
     sizes = spec.vl_sizes([im.size for im in images], area)
     return [im.resize(size, resample=Image.LANCZOS) for im, size in zip(images, sizes)]
@@ -59,10 +59,39 @@ def run_text_encoder(processor, te, jobs, device, area=1024 * 1024, plan=None, s
         results = []
         for images, prompts in jobs:
             vl = prompt_images(spec, images, area)
-            embeds, mask = encode_prompts(processor, te, prompts, vl, spec.template(len(vl)))
+            if vl:
+                embeds, mask = encode_prompts(processor, te, prompts, vl, spec.template(len(vl)))
+            else:
+                embeds, mask = encode_text_prompts(processor, te, prompts, spec.template(0), spec.drop)
             results.append([(embeds[i:i + 1, :int(mask[i].sum())].cpu(), mask[i:i + 1, :int(mask[i].sum())].cpu())
                             for i in range(len(prompts))])
     finally:
         for h in handles:  # unpin the host buffers before the transformer pins its own
             h.remove()
     return results
+
+
+@torch.no_grad()
+def encode_text_prompts(processor, te, prompts, template, drop):
+    """Prompts with no image (Qwen-Image's text-to-image template) -> (embeds [B, L, D], mask [B, L] int64):
+    each row's valid hidden states minus the first `drop` template tokens, right-padded with zeros, as the
+    reference's _get_qwen_prompt_embeds. (encode_prompts does the same with images and 64 dropped.)"""
+    from engine.models.text_encoder import pack_rows
+    ids, mask = processor.tokenize(list(prompts), [], template)
+    ids, lengths, _ = pack_rows(ids, mask)
+    hidden = te.forward_packed(ids, lengths)
+    keep = (lengths - drop).to(hidden.device)                       # [B]
+    width = int(keep.max())
+    mask = (torch.arange(width, device=hidden.device)[None] < keep[:, None]).to(torch.int64)
+    return hidden[:, drop:drop + width].masked_fill(mask[..., None] == 0, 0), mask
+
+
+def prompt_tokens(processor, spec, prompts, vl):
+    """(MMDiT text tokens of the longest prompt, VL image tokens) of prompts + the VL-resized images, from
+    the tokenizer and the image preprocessing alone."""
+    if not vl:
+        _, mask = processor.tokenize(list(prompts), [], spec.template(0))
+        return int(mask.sum(1).max()) - spec.drop, 0
+    inputs = processor(list(prompts), vl, spec.template(len(vl)))
+    n_image = int(inputs["image_grid_thw"].prod(-1).sum()) // processor.image_cfg.merge_size ** 2
+    return int(inputs["attention_mask"].sum(1).max()) - spec.drop, n_image

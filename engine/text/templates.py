@@ -1,4 +1,4 @@
-"""The chat templates the Qwen-Image edit pipelines wrap a prompt in, and how many leading template tokens
+"""The chat templates the Qwen-Image pipelines wrap a prompt in, and how many leading template tokens
 they drop from the text encoder's output."""
 
 SYSTEM = ("<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, objects, "
@@ -16,3 +16,10 @@ def edit_plus_template(n_images):
     """Qwen-Image-Edit-2509/2511: "Picture i: " + the vision span for each image, in order, then the prompt."""
     pictures = "".join(f"Picture {i + 1}: {VISION}" for i in range(n_images))
     return SYSTEM + "<|im_start|>user\n" + pictures + "{}<|im_end|>\n<|im_start|>assistant\n"
+
+
+# Qwen-Image (text to image): no image; the system turn + "<|im_start|>user\n" are 34 tokens
+GENERATE_TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, "
+                     "text, spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}"
+                     "<|im_end|>\n<|im_start|>assistant\n")
+GENERATE_DROP = 34
