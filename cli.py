@@ -72,44 +72,18 @@ def _dtype(args):
     return args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
 
 
-def _text_sizes(model_dir, images, args, tensors, cfg_batch):
-    from engine.pipelines.budget import text_sizes
-    embeds = [t for k, t in (tensors or {}).items() if k in ("prompt_embeds", "negative_prompt_embeds")]
-    if embeds:
-        return text_sizes(model_dir, images, embeds=embeds)
-    return text_sizes(model_dir, images, [args.prompt] + ([args.negative_prompt] if cfg_batch > 1 else []))
-
-
 def _check_fits(model_dir, images, args, text_encoder, cfg_batch, tensors=None):
-    """Refuse before any work an edit that cannot fit this machine (host RAM on the CPU, the GPU's free
-    memory or the --vram budget on CUDA), naming the largest size that fits."""
-    from engine.pipelines.budget import available_host_bytes, check_fits, resolve_budget
-    planned = getattr(args, "vram", None) is not None or getattr(args, "offload", None) is not None
-    if planned and args.device != "cuda":
-        raise _input_error("--vram/--offload plan GPU memory; use them with --device cuda")
-    if args.device == "cpu":
-        available = available_host_bytes()
-    else:
-        available = resolve_budget(args.vram if planned else None)
-    text_len, vl_tokens = _text_sizes(model_dir, images, args, tensors, cfg_batch)
-    check_fits(model_dir, images, args.width, args.height, cfg_batch, text_encoder, _dtype(args), args.device,
-               available, args.steps, text_len, vl_tokens, planned=planned)
+    from engine.pipelines.budget import check_job_fits
+    check_job_fits(model_dir, images, args, text_encoder, cfg_batch, tensors)
 
 
 def _plan(model_dir, images, args, text_encoder, cfg_batch, tensors=None):
-    """The VRAM plan when --vram or --offload is given (CUDA only), else None: everything on the device."""
+    """The VRAM plan when --vram or --offload is given (printed), else None: everything on the device."""
+    from engine.pipelines.budget import plan_job
     args.job = (model_dir, images, cfg_batch, text_encoder, tensors)   # for the out-of-memory advice
-    if getattr(args, "vram", None) is None and getattr(args, "offload", None) is None:
-        return None
-    from engine.pipelines.budget import make_plan, resolve_budget
-    if args.device != "cuda":
-        raise _input_error("--vram/--offload plan GPU memory; use them with --device cuda")
-    budget = resolve_budget(args.vram)
-    text_len, vl_tokens = _text_sizes(model_dir, images, args, tensors, cfg_batch)
-    p = make_plan(model_dir, images, getattr(args, "width", None), getattr(args, "height", None), cfg_batch,
-                  text_encoder, budget, args.offload or "auto", _dtype(args), steps=args.steps, text_len=text_len,
-                  vl_tokens=vl_tokens)
-    print(p.summary(), file=sys.stderr)
+    p = plan_job(model_dir, images, args, text_encoder, cfg_batch, tensors)
+    if p is not None:
+        print(p.summary(), file=sys.stderr)
     return p
 
 
@@ -326,7 +300,8 @@ def cmd_inspect(args):
             print(f"{k}: {v}")
         return
     if Path(args.model).is_file() and Path(args.model).suffix.lower() == ".safetensors":
-        print(_describe_file(args.model))
+        from loaders.inspect import describe_file
+        print(describe_file(args.model))
         return
     snap, rows = describe(args.model)
     print(f"{snap.root}: {snap.pipeline_class()}")
@@ -339,37 +314,6 @@ def cmd_inspect(args):
             dt = ", ".join(f"{k} x{v}" for k, v in sorted(r["dtypes"].items()))
             extra = f"{r['tensors']} tensors, {r['params'] / 1e6:.1f} M params, {r['bytes'] / 2**30:.2f} GiB ({dt})"
         print(f"  {r['component']:<13} {str(r.get('class', '')):<32} {extra}")
-
-
-def _describe_file(path):
-    """One line: what a .safetensors file is (a transformer file, a LoRA, prompt embeddings), or why it is
-    none of them."""
-    from loaders import LoadError, read_tensors
-    from loaders.lora import read_lora
-    from loaders.single_file import check_transformer_file
-    try:
-        header, size, prefix, own, marker = check_transformer_file(path)
-        dtypes = {}
-        for v in own.values():
-            dtypes[v["dtype"]] = dtypes.get(v["dtype"], 0) + 1
-        return (f"{path}: transformer file, {len(own)} tensors ({', '.join(f'{n} {d}' for d, n in dtypes.items())}), "
-                f"{size / 2**30:.2f} GiB, keys {'under ' + repr(prefix) if prefix else 'bare'}"
-                + ("; Edit-2511 marker (zero_cond_t on)" if marker else ""))
-    except LoadError as e:
-        if "is a LoRA" not in str(e):
-            try:
-                tensors = read_tensors(path)
-            except LoadError:
-                raise e from None
-            if "prompt_embeds" in tensors:
-                return f"{path}: prompt embeddings, " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items())
-            raise
-    lora = read_lora(path)
-    ranks = sorted({layer.rank for layer in lora.layers.values()})
-    alphas = sorted({layer.alpha for layer in lora.layers.values() if layer.alpha is not None})
-    span = lambda v: f"{v[0]:g}" if v[0] == v[-1] else f"{v[0]:g}-{v[-1]:g}"
-    return (f"{path}: LoRA on {len(lora.layers)} modules, rank {span(ranks)}, "
-            + (f"alpha {span(alphas)}" if alphas else "no alpha (alpha = rank)"))
 
 
 def cmd_bench(args):
@@ -463,11 +407,12 @@ def _oom_advice(args):
     (the generic advice when the job cannot be sized)."""
     generic = "give a budget with --vram SIZE (weights then stream from host RAM), or a smaller --width/--height"
     try:
-        from engine.pipelines.budget import least_budget
+        from engine.pipelines.budget import job_text_sizes, least_budget
         from engine.vram.planner import gib_up
         model_dir, images, cfg_batch, text_encoder, tensors = args.job
+        sizes = job_text_sizes(model_dir, images, args, tensors, cfg_batch)
         least = gib_up(least_budget(model_dir, images, args.width, args.height, cfg_batch, text_encoder,
-                                    _dtype(args), args.steps, *_text_sizes(model_dir, images, args, tensors, cfg_batch)))
+                                    _dtype(args), args.steps, *sizes))
     except Exception:
         return generic
     if getattr(args, "vram", None) or getattr(args, "offload", None):

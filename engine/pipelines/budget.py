@@ -167,3 +167,45 @@ def check_fits(model_dir, images, width, height, cfg_batch, text_encoder, dtype,
     advice = f"the largest output that fits is --width {w} --height {h}" if fits else "even the smallest output does not fit"
     raise LoadError(f"a {job.width}x{job.height} edit needs {gib_up(needed)} of {where}, "
                     f"{gib_up(available)} is available; {advice}")
+
+
+# The faces' side of sizing: an options namespace (device, dtype, vram, offload, width, height, steps, prompt,
+# negative_prompt), as the CLI's argparse makes it, and the edit's images and embeddings.
+
+def _dtype_of(opts):
+    return opts.dtype or ("bfloat16" if opts.device == "cuda" else "float32")
+
+
+def job_text_sizes(model_dir, images, opts, tensors, cfg_batch):
+    """(MMDiT text tokens, VL image tokens) from the embeddings when given, else from tokenizing the prompts."""
+    embeds = [t for k, t in (tensors or {}).items() if k in ("prompt_embeds", "negative_prompt_embeds")]
+    if embeds:
+        return text_sizes(model_dir, images, embeds=embeds)
+    return text_sizes(model_dir, images, [opts.prompt] + ([opts.negative_prompt] if cfg_batch > 1 else []))
+
+
+def _planned(opts):
+    planned = getattr(opts, "vram", None) is not None or getattr(opts, "offload", None) is not None
+    if planned and opts.device != "cuda":
+        raise LoadError("--vram/--offload plan GPU memory; use them with --device cuda")
+    return planned
+
+
+def check_job_fits(model_dir, images, opts, text_encoder, cfg_batch, tensors=None):
+    """Refuse before any work an edit that cannot fit this machine (host RAM on the CPU, the GPU's free
+    memory or the --vram budget on CUDA), naming the largest size that fits."""
+    planned = _planned(opts)
+    available = available_host_bytes() if opts.device == "cpu" else resolve_budget(opts.vram if planned else None)
+    text_len, vl_tokens = job_text_sizes(model_dir, images, opts, tensors, cfg_batch)
+    check_fits(model_dir, images, opts.width, opts.height, cfg_batch, text_encoder, _dtype_of(opts), opts.device,
+               available, opts.steps, text_len, vl_tokens, planned=planned)
+
+
+def plan_job(model_dir, images, opts, text_encoder, cfg_batch, tensors=None):
+    """The VRAM plan when --vram or --offload is given (CUDA only), else None: everything on the device."""
+    if not _planned(opts):
+        return None
+    text_len, vl_tokens = job_text_sizes(model_dir, images, opts, tensors, cfg_batch)
+    return make_plan(model_dir, images, opts.width, opts.height, cfg_batch, text_encoder, resolve_budget(opts.vram),
+                     opts.offload or "auto", _dtype_of(opts), steps=opts.steps, text_len=text_len,
+                     vl_tokens=vl_tokens)

@@ -1,0 +1,32 @@
+"""`cli.py inspect FILE.safetensors`: what a file is, from its header where that suffices."""
+from .lora import read_lora
+from .safetensors_io import LoadError, read_tensors
+from .single_file import check_transformer_file
+
+
+def describe_file(path):
+    """One line: what a .safetensors file is (a transformer file, a LoRA, prompt embeddings), or why it is
+    none of them."""
+    try:
+        header, size, prefix, own, marker = check_transformer_file(path)
+        dtypes = {}
+        for v in own.values():
+            dtypes[v["dtype"]] = dtypes.get(v["dtype"], 0) + 1
+        return (f"{path}: transformer file, {len(own)} tensors ({', '.join(f'{n} {d}' for d, n in dtypes.items())}), "
+                f"{size / 2**30:.2f} GiB, keys {'under ' + repr(prefix) if prefix else 'bare'}"
+                + ("; Edit-2511 marker (zero_cond_t on)" if marker else ""))
+    except LoadError as e:
+        if "is a LoRA" not in str(e):
+            try:
+                tensors = read_tensors(path)
+            except LoadError:
+                raise e from None
+            if "prompt_embeds" in tensors:
+                return f"{path}: prompt embeddings, " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items())
+            raise
+    lora = read_lora(path)
+    ranks = sorted({layer.rank for layer in lora.layers.values()})
+    alphas = sorted({layer.alpha for layer in lora.layers.values() if layer.alpha is not None})
+    span = lambda v: f"{v[0]:g}" if v[0] == v[-1] else f"{v[0]:g}-{v[-1]:g}"
+    return (f"{path}: LoRA on {len(lora.layers)} modules, rank {span(ranks)}, "
+            + (f"alpha {span(alphas)}" if alphas else "no alpha (alpha = rank)"))
