@@ -59,8 +59,8 @@ def to_rgb(img):
     return img.convert("RGB")
 
 
-def write_png(img, path, force=False, text=None):
-    """PNG written atomically; text: {key: str} stored as PNG text chunks (UTF-8 iTXt where needed)."""
+def png_bytes(img, text=None):
+    """PNG-encoded image; text: {key: str} stored as PNG text chunks (UTF-8 iTXt where needed)."""
     from PIL.PngImagePlugin import PngInfo
     info = None
     if text:
@@ -69,7 +69,12 @@ def write_png(img, path, force=False, text=None):
             info.add_itxt(k, v) if any(ord(c) > 255 for c in v) else info.add_text(k, v)
     buf = io.BytesIO()
     img.save(buf, format="PNG", pnginfo=info)
-    atomic_write_bytes(path, buf.getvalue(), force=force)
+    return buf.getvalue()
+
+
+def write_png(img, path, force=False, text=None):
+    """png_bytes written atomically."""
+    atomic_write_bytes(path, png_bytes(img, text), force=force)
 
 
 def read_png_text(path):

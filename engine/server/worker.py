@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import torch
 from PIL import Image
 
-from loaders import LoadError, Snapshot, torch_dtype
+from loaders import LoadError, Snapshot, png_bytes, torch_dtype
 
 from engine.config import RunOptions
 from engine.pipelines import inputs, pipeline_for
@@ -61,17 +61,6 @@ class Job:
     def view(self, position=None):
         return {"id": self.id, "state": self.state, "step": self.step, "steps": self.request.opts.steps,
                 "error": self.error, "position": position}
-
-
-def png_bytes(img, text):
-    """loaders.write_png's encoding, to bytes: text chunks as tEXt, or UTF-8 iTXt where needed."""
-    from PIL.PngImagePlugin import PngInfo
-    info = PngInfo()
-    for k, v in text.items():
-        info.add_itxt(k, v) if any(ord(c) > 255 for c in v) else info.add_text(k, v)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", pnginfo=info)
-    return buf.getvalue()
 
 
 def one_line(e):
