@@ -242,6 +242,8 @@ def cmd_generate(args):
     _check_out(args)
     _check_run(args)
     generate.check_snapshot(pipeline_for(args.model))
+    if pipeline_for(args.model).class_name == "QwenImageLayeredPipeline":
+        raise _input_error("QwenImageLayeredPipeline splits an image into layers: use `cli.py layers --image IN.png`")
     loras = inputs.read_loras(args.lora, args.model)
     inputs.check_transformer(args.transformer, args.model)
     cfg_batch = 2 if args.cfg > 1 else 1
@@ -251,6 +253,58 @@ def cmd_generate(args):
     args.images, args.prompt_embeds = [], None
     models = _load(args.model, args, loras, plan)
     _edit_one(models, [], tensors, args, args.out, args.force)
+    print(models.memory_summary())
+
+
+def cmd_layers(args):
+    """Qwen-Image-Layered: one image -> --layers RGBA PNGs and an OpenRaster file in --out-dir."""
+    import json
+
+    from tqdm import tqdm
+
+    from engine.pipelines import layered, pipeline_for
+    from engine.pipelines.text import encode_text
+    from loaders import write_png
+    from loaders.ora import write_ora
+    opts = layered.LayeredOptions(layers=args.layers, resolution=args.resolution, steps=args.steps, cfg=args.cfg,
+                                  cfg_normalize=args.cfg_normalize, seed=args.seed)
+    opts.check()
+    if not args.cfg == args.cfg or args.cfg < 0:
+        raise _input_error(f"--cfg must be a number >= 0 (1 turns CFG off), got {args.cfg}")
+    if args.prompt is None or not args.prompt.strip():
+        raise _input_error("give --prompt; automatic captioning is not implemented yet")
+    if pipeline_for(args.model) is not layered.SPEC:
+        raise _input_error(f"{args.model}: `layers` needs a Qwen-Image-Layered snapshot (QwenImageLayeredPipeline)")
+    out_dir = Path(args.out_dir)
+    outs = [out_dir / f"layer_{i}.png" for i in range(args.layers)] + [out_dir / "layers.ora"]
+    if not args.force and any(o.exists() for o in outs):
+        raise _input_error(f"{out_dir} already holds layer PNGs or layers.ora; pass --force to overwrite them")
+    image, note = layered.read_rgba(args.image)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    use_negative = args.negative_prompt is not None and args.cfg > 1
+    prompts = [args.prompt] + ([args.negative_prompt] if use_negative else [])
+    rows = encode_text(args.model, [], prompts, device=args.device, dtype=_dtype(args))
+    print(f"encoded {len(prompts)} prompt(s): {[r[0].shape[1] for r in rows]} tokens "
+          f"({time.perf_counter() - t0:.2f}s)", file=sys.stderr)
+    models = layered.load_layered(args.model, args.device, _dtype(args))
+    neg = rows[1] if use_negative else (None, None)
+    bar = tqdm(total=args.steps, desc="denoise", unit="step", file=sys.stderr)
+    try:
+        images = layered.layered(models, image, *rows[0], *neg, opts, progress=lambda i: bar.update(1))
+    finally:
+        bar.close()
+    record = {"prompt": args.prompt, "negative_prompt": args.negative_prompt if use_negative else None,
+              "image": Path(args.image).name, "seed": args.seed, "steps": args.steps,
+              "cfg": args.cfg if use_negative else 1.0, "cfg_normalize": args.cfg_normalize, "layers": args.layers,
+              "resolution": args.resolution, "model": Path(args.model).name, "pipeline": layered.CLASS_NAME}
+    for i, (im, o) in enumerate(zip(images, outs)):
+        write_png(im, o, force=True, text={"qwen_image_edit": json.dumps({**record, "layer": i}, ensure_ascii=False)})
+    write_ora(outs[-1], images)
+    line = " ".join(f"{k} {v:.2f}s" for k, v in models.timings.items())
+    print(f"wrote {args.layers} layers ({images[0].width}x{images[0].height}) and {outs[-1]} to {out_dir}; {line}")
     print(models.memory_summary())
 
 
@@ -356,6 +410,24 @@ def build_parser():
     g.add_argument("--negative-prompt", default=" ", help='negative prompt for true CFG (default " ")')
     _add_run_args(g)
     g.set_defaults(fn=cmd_generate)   # size: 1024x1024 unless --width/--height
+    y = sub.add_parser("layers", help="split an image into RGBA layers (a Qwen-Image-Layered snapshot)")
+    y.add_argument("--model", required=True, help="snapshot folder of Qwen/Qwen-Image-Layered")
+    y.add_argument("--image", required=True, help="the image to split (RGBA; one without alpha is made opaque)")
+    y.add_argument("--prompt", help="what the image shows, occluded parts included (required for now: "
+                   "automatic captioning is not implemented)")
+    y.add_argument("--negative-prompt", default=" ", help='negative prompt for true CFG (default " ")')
+    y.add_argument("--layers", type=int, default=4, help="how many layers (2 to 10)")
+    y.add_argument("--resolution", type=int, default=640, help="working size bucket: 640 or 1024 (~px per side)")
+    y.add_argument("--steps", type=int, default=50)
+    y.add_argument("--cfg", type=float, default=4.0, help="true CFG scale; 1: off")
+    y.add_argument("--cfg-normalize", action="store_true", help="rescale the CFG result to the prompt's norm")
+    y.add_argument("--seed", type=int, default=0)
+    y.add_argument("--device", default="cuda" if _cuda() else "cpu", choices=["cpu", "cuda"])
+    y.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: bfloat16 on cuda, float32 on cpu")
+    y.add_argument("--out-dir", required=True, help="folder for layer_0.png ... (bottom first) and layers.ora")
+    y.add_argument("--force", action="store_true", help="overwrite earlier layer files in --out-dir")
+    y.set_defaults(fn=cmd_layers)
     c = sub.add_parser("encode", help="encode a prompt (+ negative) with the text encoder, for --prompt-embeds")
     c.add_argument("--model", required=True)
     c.add_argument("--image", required=True, action="append",
@@ -435,7 +507,7 @@ def _remember_kernel_choices():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.fn in (cmd_edit, cmd_encode, cmd_batch, cmd_demo, cmd_generate):
+    if args.fn in (cmd_edit, cmd_encode, cmd_batch, cmd_demo, cmd_generate, cmd_layers):
         _remember_kernel_choices()
     from engine.text.processor import PromptError
     from loaders import LoadError

@@ -38,8 +38,6 @@ class MMDiTConfig:
     @classmethod
     def from_dict(cls, d, where="transformer/config.json"):
         cfg = _from_dict(cls, d, where)
-        if cfg.use_layer3d_rope:
-            raise LoadError(f"{where}: use_layer3d_rope (Qwen-Image-Layered) is not supported by this engine")
         if cfg.out_channels is None:
             cfg = MMDiTConfig(**{**cfg.__dict__, "out_channels": cfg.in_channels})
         if sum(cfg.axes_dims_rope) != cfg.attention_head_dim:

@@ -184,13 +184,16 @@ class MMDiT(nn.Module):
         return [blk.modulation(temb, self.cfg.zero_cond_t) for blk in self.transformer_blocks]
 
     def rope(self, img_shapes, txt_len, device):
-        """(cos, sin) [N + L, D/2] float32 for images [(frames, h, w), ...] then L text tokens."""
+        """(cos, sin) [N + L, D/2] float32 for images [(frames, h, w), ...] then L text tokens.
+        use_layer3d_rope (Qwen-Image-Layered: the layers, then the condition image last): the condition
+        image takes frame index -1, and the text starts past the layer count too."""
         theta, axes = 10000.0, self.cfg.axes_dims_rope
         inv = [1.0 / torch.pow(theta, torch.arange(0, d, 2, dtype=torch.float32) / d) for d in axes]
+        layer3d, last = self.cfg.use_layer3d_rope, len(img_shapes) - 1
         angles = []
         for idx, (f, h, w) in enumerate(img_shapes):
             # frame index = image index; rows/cols centred: positions -(h - h//2) .. h//2 - 1
-            pf = torch.arange(idx, idx + f)
+            pf = torch.arange(-1, 0) if layer3d and idx == last else torch.arange(idx, idx + f)
             ph = torch.arange(h) - (h - h // 2)
             pw = torch.arange(w) - (w - w // 2)
             grid = torch.cat([
@@ -199,6 +202,7 @@ class MMDiT(nn.Module):
                 torch.outer(pw, inv[2])[None, None, :, :].expand(f, h, w, -1)], dim=-1)
             angles.append(grid.reshape(f * h * w, -1))
         start = max(max(h // 2, w // 2) for _, h, w in img_shapes)  # text starts past the largest image
+        start = max(start, last) if layer3d else start
         pt = torch.arange(start, start + txt_len)
         angles.append(torch.cat([torch.outer(pt, i) for i in inv], dim=-1))
         ang = torch.cat(angles).to(device)

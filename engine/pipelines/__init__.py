@@ -1,9 +1,9 @@
 """The pipelines, chosen by a snapshot's model_index.json `_class_name`; never a silent fallback."""
 from loaders import LoadError, Snapshot
 
-from engine.pipelines import edit, edit_plus, generate
+from engine.pipelines import edit, edit_plus, generate, layered
 
-PIPELINES = {s.class_name: s for s in (edit.SPEC, edit_plus.SPEC, generate.SPEC)}
+PIPELINES = {s.class_name: s for s in (edit.SPEC, edit_plus.SPEC, generate.SPEC, layered.SPEC)}
 
 
 def pipeline_for(snapshot):

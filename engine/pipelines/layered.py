@@ -1,0 +1,180 @@
+"""Qwen-Image-Layered (QwenImageLayeredPipeline): one RGBA image -> n RGBA layers.
+
+What differs from the edit: the text encoder never sees the image (Qwen-Image's text-only template, 34
+tokens dropped, 512 kept); the image is seen at ~resolution² (640 or 1024, its aspect, multiples of 32) by
+the 4-channel VAE; noise for layers + 1 frames of that size, the first frame (the composite) dropped before
+decoding; layer3d rope (the condition image at frame -1); additional_t_cond = 0 (RGB) in the time
+embedding; sigmas linspace(1, 0, steps + 1)[:-1] shifted by mu = sqrt(condition tokens / 256); true CFG
+without the norm rescale unless asked (cfg_normalize)."""
+import time
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from loaders import LoadError, Snapshot, torch_dtype
+
+from engine.pipelines.spec import EditSpec, condition_size
+from engine.text.templates import GENERATE_DROP, GENERATE_TEMPLATE
+
+RESOLUTIONS = (640, 1024)   # the reference's buckets
+LAYERS = (2, 10)            # the reference app's range (its slider); the pipeline itself checks none
+CLASS_NAME = "QwenImageLayeredPipeline"
+
+
+class LayeredSpec(EditSpec):
+    def check_images(self, n):
+        """The text encoder sees no image (n = 0); `cli.py edit` with this snapshot gets one line."""
+        if n:
+            raise LoadError(f"{CLASS_NAME} splits an image into layers: use `cli.py layers --image IN.png`")
+
+
+SPEC = LayeredSpec(CLASS_NAME, max_images=0, min_images=0, template=lambda n: GENERATE_TEMPLATE,
+                   drop=GENERATE_DROP, max_text_tokens=512)
+
+
+@dataclass
+class LayeredOptions:
+    layers: int = 4
+    resolution: int = 640
+    steps: int = 50
+    cfg: float = 4.0
+    cfg_normalize: bool = False
+    seed: int = 0
+    sigmas: list = None
+    area: int = None            # pixels the image is worked at; None: resolution² (tests shrink it)
+
+    def check(self):
+        if self.resolution not in RESOLUTIONS:
+            raise LoadError(f"--resolution must be 640 or 1024 (the model's buckets), got {self.resolution}")
+        if not LAYERS[0] <= self.layers <= LAYERS[1]:
+            raise LoadError(f"--layers must be {LAYERS[0]} to {LAYERS[1]}, got {self.layers}")
+        if self.steps < 1:
+            raise LoadError(f"--steps must be at least 1, got {self.steps}")
+
+
+def read_rgba(path):
+    """An image file -> (PIL RGBA, note or None), EXIF orientation applied; one-line errors."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+    try:
+        img = Image.open(path)
+        img.load()
+        img = ImageOps.exif_transpose(img)
+    except FileNotFoundError:
+        raise LoadError(f"image {path} does not exist") from None
+    except Image.DecompressionBombError:
+        raise LoadError(f"{path} is too large to decode safely; downscale it first") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise LoadError(f"cannot read image {path}: {why}") from None
+    if img.width == 0 or img.height == 0:
+        raise LoadError(f"image {path} has zero size")
+    return rgba_input(img)
+
+
+def rgba_input(img):
+    """PIL image -> (RGBA image, note or None). An image with no alpha becomes opaque RGBA (as the
+    reference app does with every input); an all-transparent one has nothing to split."""
+    from loaders.images import to_rgb
+    note = None
+    if img.mode != "RGBA":
+        had_alpha = img.mode in ("LA", "PA", "La", "RGBa") or "transparency" in img.info
+        if not had_alpha:
+            note = f"the image (mode {img.mode}) has no alpha: converted to opaque RGBA"
+            img = to_rgb(img)       # 16-bit and float images scaled to 8 bits
+        img = img.convert("RGBA")
+    if img.getextrema()[3][1] == 0:
+        raise LoadError("the image is fully transparent: there is nothing to split into layers")
+    return img, note
+
+
+def load_layered(model_dir, device="cpu", dtype="float32"):
+    """Transformer (layer3d rope, additional_t_cond), 4-channel VAE and scheduler of a Layered snapshot."""
+    from engine.config import SchedulerConfig
+    from engine.models.mmdit import load_mmdit
+    from engine.models.vae import load_vae
+    from engine.pipelines import pipeline_for
+    from engine.pipelines.load import place_models
+    start = time.perf_counter()
+    snap = Snapshot(model_dir)
+    if pipeline_for(snap) is not SPEC:
+        raise LoadError(f"{model_dir}: `layers` needs a Qwen-Image-Layered snapshot ({CLASS_NAME})")
+    snap.require("transformer", "vae", "scheduler")
+    dt = torch_dtype(dtype)
+    transformer, vae = load_mmdit(snap, dt, "cpu"), load_vae(snap, dt, "cpu")
+    if vae.cfg.input_channels != 4 or not transformer.cfg.use_additional_t_cond:
+        raise LoadError(f"{model_dir}: not a Layered snapshot (needs an RGBA VAE and use_additional_t_cond)")
+    models = place_models(transformer, vae, SchedulerConfig.from_dict(snap.config("scheduler")), device, dt)
+    models.spec = SPEC
+    models.source = {"model": snap.root.name, "notes": []}
+    models.timings["load"] = time.perf_counter() - start
+    return models
+
+
+def denoise_layers(models, latents, cond, txt, txt_len, img_shapes, sigmas, timesteps, cfg, normalize,
+                   progress=None):
+    """Euler with true CFG (rows: prompt, negative) over [noise of every frame, condition] tokens."""
+    from engine import scheduler as sched
+    from engine.vram.offload import modulation_table_streamed
+    mm, dev, dt = models.transformer, models.device, models.dtype
+    B = txt.shape[0]
+    rgb = torch.zeros(1, dtype=torch.long, device=dev)       # additional_t_cond: 0 = RGB(A) input
+    rope = mm.rope(img_shapes, txt.shape[1], dev)
+    t_model = [(ts.to(dt) / 1000).to(dev) for ts in timesteps]
+    view = SimpleNamespace(time_embedding=lambda t: mm.time_embedding(t, rgb), cfg=mm.cfg,
+                           transformer_blocks=mm.transformer_blocks)
+    mods = modulation_table_streamed(view, t_model, dev)
+    sigmas, n = sigmas.to(dev), latents.shape[1]
+    for i in range(len(timesteps)):
+        x = torch.cat([latents, cond], dim=1).expand(B, -1, -1)
+        v = mm(x, txt, txt_len, t_model[i].expand(B), img_shapes, rope=rope, mods=mods[i],
+               additional_t_cond=rgb.expand(B))[:, :n]
+        if B > 1:
+            pos, neg = v[:1], v[1:]
+            v = neg + cfg * (pos - neg)
+            if normalize:
+                v = v * (torch.norm(pos, dim=-1, keepdim=True) / torch.norm(v, dim=-1, keepdim=True))
+        latents = sched.euler_step(latents, v, sigmas[i], sigmas[i + 1])
+        if progress is not None:
+            progress(i)
+    return latents
+
+
+def layered(models, image, prompt_embeds, prompt_mask=None, negative_embeds=None, negative_mask=None,
+            opts: LayeredOptions = None, progress=None):
+    """image: PIL RGBA; prompt embeddings [1, L, D] (+ masks) of the text-only template. CFG runs when
+    negative embeddings are given and opts.cfg > 1. Returns opts.layers PIL RGBA images (the model's order)."""
+    from engine import scheduler as sched
+    from engine.pipelines.common import _mark, image_to_tensor, pack, tensor_to_image, text_batch, unpack
+    opts = opts or LayeredOptions()
+    opts.check()
+    if image.mode != "RGBA":
+        raise LoadError(f"the image must be RGBA, got mode {image.mode} (see layered.rgba_input)")
+    vae, dev, dt = models.vae, models.device, models.dtype
+    w, h = condition_size(*image.size, opts.area or opts.resolution ** 2)
+    lh, lw = h // vae.cfg.scale_factor, w // vae.cfg.scale_factor     # the reference floors to 16 px: w, h are 32s
+    _mark(models, "before", None)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        z = vae.encode(image_to_tensor(image, w, h).to(dev, dt))          # [1, 4, H, W] in -> [1, z, h, w]
+        cond = pack(vae.normalize(z))                                     # [1, Nc, 64]
+        _mark(models, "vae_encode", t0)
+        txt, txt_len = text_batch(models, prompt_embeds, prompt_mask, negative_embeds, negative_mask, opts.cfg)
+        frames = opts.layers + 1                                           # frame 0: the composite
+        gen = torch.Generator("cpu").manual_seed(opts.seed)
+        noise = torch.randn((1, frames, vae.cfg.z_dim, lh, lw), generator=gen, dtype=dt)
+        latents = pack(noise[0]).reshape(1, -1, 4 * vae.cfg.z_dim).to(dev)  # [1, frames * N, 64]
+        sigmas = np.linspace(1.0, 0, opts.steps + 1)[:-1] if opts.sigmas is None else opts.sigmas
+        sigmas, timesteps = sched.sigmas_for(models.scheduler, opts.steps, mu=(cond.shape[1] / 256) ** 0.5,
+                                             sigmas=sigmas)
+        img_shapes = [(1, lh // 2, lw // 2)] * frames + [(1, lh // 2, lw // 2)]
+        t1 = time.perf_counter()
+        latents = denoise_layers(models, latents, cond, txt, txt_len, img_shapes, sigmas, timesteps, opts.cfg,
+                                 opts.cfg_normalize, progress)
+        _mark(models, "denoise", t1)
+        t2 = time.perf_counter()
+        z = vae.denormalize(unpack(latents.reshape(frames, -1, latents.shape[-1]), lh, lw))[1:]
+        out = [tensor_to_image(vae.decode(z[i:i + 1])) for i in range(opts.layers)]   # one layer at a time
+        _mark(models, "vae_decode", t2)
+    return out
