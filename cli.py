@@ -461,6 +461,8 @@ def build_parser():
     s.add_argument("--model", required=True, help="snapshot folder with its text_encoder/ and processor/")
     s.add_argument("--transformer", metavar="FILE.safetensors", help="the transformer from one file")
     s.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="fused on load (repeatable)")
+    s.add_argument("--weights", choices=["bf16", "fp8"], default=None,
+                   help="the block Linears in fp8 or bf16 (as for edit); default: what the checkpoint holds")
     s.add_argument("--vram", help="VRAM budget (CUDA), e.g. 16GiB: planned once for the largest accepted edit")
     s.add_argument("--host", default="127.0.0.1", help="a non-loopback address needs --token")
     s.add_argument("--port", type=int, default=7860)

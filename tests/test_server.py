@@ -358,6 +358,30 @@ def test_lora_fused_at_load_matches_cli(served, text_snapshot, tmp_path):
     assert np.abs(plain - fused).max() > 10
 
 
+def test_fp8_weights_match_cli(text_snapshot, tmp_path):
+    """--weights fp8 on serve: the block Linears quantized once at load; the same PNG as `cli.py edit --weights
+    fp8` (and another one than bf16's)."""
+    from starlette.testclient import TestClient
+    (tmp_path / "in.png").write_bytes(png())
+    outs = {}
+    for weights in ("fp8", None):
+        out = tmp_path / f"cli_{weights}.png"
+        rc, err = run_cli(["edit", "--model", str(text_snapshot), "--image", str(tmp_path / "in.png"), "--prompt",
+                           "make it snowy", "--steps", "2", "--seed", "5", "--device", "cpu", "--out", str(out)]
+                          + (["--weights", weights] if weights else []))
+        assert rc == 0, err
+        outs[weights] = out.read_bytes()
+    worker, limits = start(text_snapshot, "--weights", "fp8")
+    try:
+        with TestClient(create_app(worker, limits)) as client:
+            got = client.post("/v1/edit", **form())
+            assert got.status_code == 200 and got.content == outs["fp8"]
+            assert json.loads(Image.open(io.BytesIO(got.content)).text["qwen_image_edit"])["weights"] == "fp8"
+    finally:
+        worker.close()
+    assert outs["fp8"] != outs[None]
+
+
 def rss():
     """This process's resident memory in bytes (the server runs on its threads)."""
     with open("/proc/self/status") as f:

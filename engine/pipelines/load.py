@@ -79,7 +79,8 @@ def load_models(model_dir, device="cpu", dtype="float32", plan=None, loras=(), t
         fuse_loras(transformer, loras, compute_device=device)
     models.spec = spec
     models.source = {"model": snap.root.name, "transformer": transformer_file and str(transformer_file),
-                     "loras": [(str(getattr(p, "path", p)), float(s)) for p, s in loras], "notes": []}
+                     "loras": [(str(getattr(p, "path", p)), float(s)) for p, s in loras], "notes": [],
+                     "weights": weights}
     if transformer_file:
         from loaders.single_file import summary
         models.source["notes"].append(summary(transformer.source))

@@ -19,6 +19,7 @@ def edit_parameters(models, job, size, cfg_on):
          "seed": job.seed, "steps": job.steps, "cfg": job.cfg if cfg_on else 1.0, "sampler": job.sampler,
          "size": f"{size[0]}x{size[1]}", "model": source.get("model"), "pipeline": (models.spec or EDIT).class_name,
          "transformer": source.get("transformer") and Path(source["transformer"]).name,
+         "weights": source.get("weights"),
          "loras": [{"file": Path(f).name, "scale": s} for f, s in source.get("loras", [])],
          "mask": getattr(job, "mask", None) and Path(job.mask).name, "outpaint": getattr(job, "outpaint", None),
          "strength": getattr(job, "inpaint_strength", None),
@@ -34,6 +35,7 @@ def png_text(models, job, size, cfg_on):
     fields = [f"Steps: {p['steps']}", f"Sampler: {p['sampler']}", f"CFG scale: {p['cfg']}", f"Seed: {p['seed']}",
               f"Size: {p['size']}", f"Model: {p.get('model')}"]
     fields += [f"Transformer: {p['transformer']}"] if "transformer" in p else []
+    fields += [f"Weights: {p['weights']}"] if "weights" in p else []
     fields += [f"Lora: {lo['file']}:{lo['scale']:g}" for lo in p.get("loras", [])]
     fields += [f"Mask: {p['mask']}"] if "mask" in p else []
     fields += [f"Outpaint: {p['outpaint']}"] if "outpaint" in p else []

@@ -78,7 +78,8 @@ def prepare(args):
         plan, max_pixels = serve_plan(args.model, resolve_budget(args.vram), args.dtype, args.max_pixels)
         why = f"what --vram {args.vram} fits"
         print(summary(plan, max_pixels), file=sys.stderr)
-    worker = Worker(args.model, args.device, args.dtype, loras, args.transformer, plan, args.queue)
+    worker = Worker(args.model, args.device, args.dtype, loras, args.transformer, plan, args.queue,
+                    weights=getattr(args, "weights", None))
     return worker, Limits(spec, max_pixels, why)
 
 

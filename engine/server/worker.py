@@ -81,9 +81,10 @@ class Worker:
     everything torch runs on the worker's thread."""
 
     def __init__(self, model_dir, device="cpu", dtype="float32", loras=(), transformer_file=None, plan=None,
-                 queue_size=16, log=sys.stderr):
+                 queue_size=16, log=sys.stderr, weights=None):
         self.model_dir, self.device, self.dtype, self.plan = model_dir, device, dtype, plan
         self.loras, self.transformer_file, self.queue_size, self.log = list(loras), transformer_file, queue_size, log
+        self.weights = weights          # None | "bf16" | "fp8", as load_models takes it
         self.model = Snapshot(model_dir).root.name
         self.spec = pipeline_for(model_dir)
         self.threads = torch.get_num_threads()     # OpenMP keeps the count per OS thread: the worker adopts ours
@@ -222,7 +223,8 @@ class Worker:
         self.processor = load_processor(snap)
         # with a plan the text encoder stays on the host and streams (engine/server/plan.py)
         self.text_encoder = load_text_encoder(snap, torch_dtype(self.dtype), "cpu" if self.plan else self.device)
-        self.models = load_models(self.model_dir, self.device, self.dtype, self.plan, self.loras, self.transformer_file)
+        self.models = load_models(self.model_dir, self.device, self.dtype, self.plan, self.loras, self.transformer_file,
+                                  weights=self.weights)
         for line in self.models.source.get("notes", []):
             print(f"note: {line}", file=self.log)
         print(f"loaded {self.model} ({self.spec.class_name}) on {self.device} in {time.perf_counter() - t0:.2f}s",
