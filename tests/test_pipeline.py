@@ -116,3 +116,31 @@ def test_streamed_plan_gives_the_same_image(tiny_snapshot):
         p = dataclasses.replace(plan, mmdit_resident=0, cfg_split=split)
         got = np.asarray(edit(load_models(root, "cpu", "float32", plan=p), image, pe, pm, ne, nm, opts))
         assert np.abs(got.astype(int) - want).max() <= 1, split  # B=1 vs B=2 GEMMs may round differently
+
+
+def test_modulation_table_kept_for_the_same_schedule(tiny_snapshot, monkeypatch):
+    """Without a plan, a second edit with the same schedule reuses the modulation table (the server's
+    repeated requests skip the precompute) and gives the same image; another schedule rebuilds it; under a
+    plan it is rebuilt every time (the plan frees it before the decode)."""
+    import dataclasses
+
+    import engine.pipelines.common as common
+    from engine.pipelines.budget import make_plan
+    root, _, _ = tiny_snapshot
+    calls = []
+    real = common.modulation_table_streamed
+    monkeypatch.setattr(common, "modulation_table_streamed", lambda *a: calls.append(1) or real(*a))
+    image = Image.new("RGB", (64, 48), (10, 200, 60))
+    pe, pm, ne, nm = prompts(5)
+    models = load_models(root, "cpu", "float32")
+    opts = RunOptions(steps=2, cfg=3.0, seed=4, condition_area=SMALL_AREA)
+    a = np.asarray(edit(models, image, pe, pm, ne, nm, opts))
+    b = np.asarray(edit(models, image, pe, pm, ne, nm, opts))
+    assert np.array_equal(a, b) and len(calls) == 1
+    edit(models, image, pe, pm, ne, nm, dataclasses.replace(opts, steps=3))
+    assert len(calls) == 2 and len(models.mod_tables) == 1
+    plan = make_plan(root, image.size, None, None, 2, False, 8 * 2**30, "stream", "float32", area=SMALL_AREA)
+    planned = load_models(root, "cpu", "float32", plan=plan)
+    for _ in range(2):
+        assert np.array_equal(np.asarray(edit(planned, image, pe, pm, ne, nm, opts)), a)
+    assert len(calls) == 4 and not planned.mod_tables

@@ -111,9 +111,11 @@ def _host_need(job, s):
 def _device_need(job, s):
     """VRAM an edit holds with everything on the GPU (no --vram): the planner's peaks with every block and
     layer resident, the VAE untiled, CFG batched."""
-    from engine.vram.memory import decode_peak, denoise_peak, encode_peak, text_peak
+    from engine.vram.memory import decode_peak, denoise_peak, encode_peak, table_bytes, text_peak
     from engine.vram.planner import need
-    peaks = [denoise_peak(s, job, s.blocks), encode_peak(s, job, s.blocks, None), decode_peak(s, job, s.blocks, None)]
+    # without a plan the modulation table stays for the next edit (common.modulations): the decode holds it too
+    peaks = [denoise_peak(s, job, s.blocks), encode_peak(s, job, s.blocks, None),
+             decode_peak(s, job, s.blocks, None) + table_bytes(s, job)]
     if job.text_encoder and s.te_layers:
         peaks.append(text_peak(s, job, s.te_layers, s.vision_blocks) + s.te_embed)
     return need(max(peaks))

@@ -28,6 +28,7 @@ class EditModels:
     source: dict = field(default_factory=dict)  # model folder, transformer file, LoRAs: for the PNG's text
     timings: dict = field(default_factory=dict)
     peaks: dict = field(default_factory=dict)   # stage -> (VRAM allocated, reserved) at its peak; CUDA only
+    mod_tables: dict = field(default_factory=dict)  # the last schedule's modulation table (common.modulations)
 
     def memory_summary(self):
         """Peak host RAM; on CUDA the peak VRAM (allocated, reserved) over the run and allocated per stage
