@@ -1,7 +1,7 @@
 """`cli.py inspect FILE.safetensors`: what a file is, from its header where that suffices."""
 from .lora import read_lora
 from .safetensors_io import LoadError, read_tensors
-from .single_file import check_transformer_file
+from .single_file import check_transformer_file, read_header
 
 
 def describe_file(path):
@@ -18,12 +18,13 @@ def describe_file(path):
     except LoadError as e:
         if "is a LoRA" not in str(e):
             try:
-                tensors = read_tensors(path)
+                header, _, _ = read_header(path)
             except LoadError:
                 raise e from None
-            if "prompt_embeds" in tensors:
-                return f"{path}: prompt embeddings, " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items())
-            raise
+            if "prompt_embeds" not in header:    # read only a small embeddings file, never a large other one
+                raise
+            tensors = read_tensors(path)
+            return f"{path}: prompt embeddings, " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items())
     lora = read_lora(path)
     ranks = sorted({layer.rank for layer in lora.layers.values()})
     alphas = sorted({layer.alpha for layer in lora.layers.values() if layer.alpha is not None})

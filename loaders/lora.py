@@ -56,19 +56,24 @@ def read_lora(path):
         raise LoadError(f"LoRA file {path} does not exist")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            metadata, keys = f.metadata() or {}, list(f.keys())
+            if not keys:
+                raise LoadError(f"LoRA {path} holds no tensors")
+            # what the keys tell is checked before any tensor is read (a transformer given as a LoRA)
+            _refuse_foreign(path, keys)
+            config = _adapter_config(path, metadata)
+            dora = [k for k in keys if any(d in k for d in DORA)]
+            if dora or config.get("use_dora"):
+                raise LoadError(f"LoRA {path} is a DoRA ({_few(dora) or 'use_dora in its metadata'}); DoRA is not "
+                                "supported (its magnitudes cannot be dropped without changing the result); use a "
+                                "plain LoRA")
+            _group_keys(path, dict.fromkeys(keys))
+            tensors = {k: f.get_tensor(k) for k in keys}
+    except LoadError:
+        raise
     except Exception as e:  # safetensors raises its own error types for truncated or foreign files
         raise LoadError(f"cannot read LoRA {path} ({path.stat().st_size} bytes): {str(e).splitlines()[0]}; "
                         "is it a complete .safetensors file? (pickled .pt/.ckpt files are not read)") from None
-    if not tensors:
-        raise LoadError(f"LoRA {path} holds no tensors")
-    _refuse_foreign(path, tensors)
-    config = _adapter_config(path, metadata)
-    dora = [k for k in tensors if any(d in k for d in DORA)]
-    if dora or config.get("use_dora"):
-        raise LoadError(f"LoRA {path} is a DoRA ({_few(dora) or 'use_dora in its metadata'}); DoRA is not "
-                        "supported (its magnitudes cannot be dropped without changing the result); use a plain LoRA")
 
     parts = _group_keys(path, tensors)
     bad = [f"{k} ({t.dtype}, {tuple(t.shape)})" for k, t in tensors.items() if not _well_formed(k, t)]

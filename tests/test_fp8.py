@@ -448,3 +448,27 @@ def test_cli_weights_flag(tmp_path, tiny_snapshot, monkeypatch, capsys):
     wide, err = edit("file_bf16", "--transformer", str(tmp_path / "qwen_image_fp8_scaled.safetensors"),
                      "--weights", "bf16")
     assert "fp8 (scaled): 0 block Linears kept" in err and np.array_equal(wide, kept), err
+
+
+def test_mixed_blocks_refused_under_a_plan(tmp_path):
+    """A file with one block Linear in fp8 and the rest bf16 cannot stream (identical blocks share the slots):
+    under a plan, one line naming the flags that make the blocks alike; without a plan it loads."""
+    import dataclasses
+
+    from engine.pipelines.budget import make_plan
+    from engine.pipelines.load import load_models
+    from loaders import LoadError
+    from tests.conftest import make_transformer, make_vae, write_snapshot
+    from tests.test_pipeline import SMALL_AREA
+    root = write_snapshot(tmp_path / "s", make_transformer(seed=3), make_vae())
+    state = make_transformer(seed=3).state_dict()
+    key = "transformer_blocks.1.attn.to_q.weight"
+    state[key] = state[key].to(torch.float8_e4m3fn)
+    save_file({"model.diffusion_model." + k: v.contiguous() for k, v in state.items()}, str(tmp_path / "mixed.safetensors"))
+    plan = make_plan(root, (64, 48), None, None, 1, False, 8 * 2 ** 30, "stream", "float32", area=SMALL_AREA)
+    with pytest.raises(LoadError, match="mix fp8 and bf16 Linears.*--weights fp8"):
+        load_models(root, "cpu", "float32", plan=dataclasses.replace(plan, mmdit_resident=0),
+                    transformer_file=tmp_path / "mixed.safetensors")
+    load_models(root, "cpu", "float32", transformer_file=tmp_path / "mixed.safetensors")
+    load_models(root, "cpu", "float32", plan=dataclasses.replace(plan, mmdit_resident=0), weights="fp8",
+                transformer_file=tmp_path / "mixed.safetensors")

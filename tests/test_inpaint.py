@@ -187,6 +187,7 @@ def test_bad_inputs_refused(snapshots, tmp_path, capsys):
         (edit_ + mask + ["--strength", "1e-20"], "runs no step"),
         (edit_ + ["--strength", "0.5"], "--strength needs --mask"),
         (edit_ + ["--outpaint", "1,2,3"], "--outpaint wants L,T,R,B"),
+        (edit_ + ["--outpaint", "0,0,1000000000,0"], "over the 100 MP limit for images"),
         (edit_ + mask + ["--width", "64"], "drop --width/--height"),
         (edit_ + mask + ["--image", str(tmp_path / "in.png")], "an inpaint takes one --image"),
         (["edit", "--model", str(plus), *edit_[3:], *mask], "QwenImageEditPlusPipeline has no inpaint pipeline"),

@@ -167,3 +167,20 @@ def test_parse_size(text, expected):
 def test_parse_size_refuses(text):
     with pytest.raises(LoadError, match="--vram"):
         parse_size(text)
+
+
+def test_fp8_blocks_are_counted_at_their_size():
+    """--weights fp8: each block Linear's weight at 1 byte + a float32 scale per output channel, the rest of
+    the block (modulation, norms, biases) as before; the planner keeps more blocks resident in a budget."""
+    from engine.transforms.fp8 import BLOCK_LINEARS
+    cfg, vae = MMDiTConfig(), VAEConfig()
+    bf16, fp8 = (model_sizes_from_configs(cfg, None, vae, 2, fp8=f) for f in (False, True))
+    d, h = cfg.dim, 4 * cfg.dim
+    outs = {"img_mlp.net.0.proj": h, "txt_mlp.net.0.proj": h}
+    weights = sum((outs.get(n, d)) * (d if "net.2" not in n else h) for n in BLOCK_LINEARS)
+    scales = sum(outs.get(n, d) for n in BLOCK_LINEARS)
+    assert bf16.block_bytes - fp8.block_bytes == weights - 4 * scales
+    assert fp8.mod_bytes == bf16.mod_bytes and fp8.stream_bytes < 0.7 * bf16.stream_bytes
+    job = Job(1024, 1024, batch=2, text_encoder=False, text_len=300)
+    budget = 24 * GiB
+    assert plan(budget, job, fp8).mmdit_resident > plan(budget, job, bf16).mmdit_resident

@@ -15,7 +15,7 @@ def _sizes(images):
 
 
 def edit_job(model_dir, images, width, height, cfg_batch, text_encoder, dtype, area=1024 * 1024, steps=50,
-             text_len=None, vl_tokens=None):
+             text_len=None, vl_tokens=None, fp8=False):
     """(engine.vram.memory.Job, ModelSizes) of one edit of `images` (PIL images or their (w, h) sizes) with
     the snapshot's configs. text_len / vl_tokens: the MMDiT text tokens and VL image tokens when known
     (prompt_lengths), else the Job's upper bounds."""
@@ -40,7 +40,8 @@ def edit_job(model_dir, images, width, height, cfg_batch, text_encoder, dtype, a
         text_len = min(text_len, spec.max_text_tokens)
     text_cfg = read_config(snap.config("text_encoder")) if text_encoder else None
     model_sizes = model_sizes_from_configs(MMDiTConfig.from_dict(snap.config("transformer")), text_cfg,
-                                           VAEConfig.from_dict(snap.config("vae")), torch_dtype(dtype).itemsize)
+                                           VAEConfig.from_dict(snap.config("vae")), torch_dtype(dtype).itemsize,
+                                           fp8=fp8)
     job = Job(width or ow, height or oh, cw, ch, batch=cfg_batch, steps=steps, text_encoder=text_encoder,
               text_len=text_len, vl_tokens=vl_tokens, cond_tokens=sum((w // 16) * (h // 16) for w, h in vae_sizes))
     return job, model_sizes
@@ -58,11 +59,11 @@ def prompt_lengths(model_dir, images, prompts, area=1024 * 1024, resize="pil"):
 
 
 def make_plan(model_dir, images, width, height, cfg_batch, text_encoder, budget, mode, dtype, area=1024 * 1024,
-              steps=50, text_len=None, vl_tokens=None):
+              steps=50, text_len=None, vl_tokens=None, fp8=False):
     """The VRAM plan (engine.vram.planner) for one edit of `images` under `budget` bytes."""
     from engine.vram.planner import plan
     job, sizes = edit_job(model_dir, images, width, height, cfg_batch, text_encoder, dtype, area, steps,
-                          text_len, vl_tokens)
+                          text_len, vl_tokens, fp8)
     return plan(budget, job, sizes, mode)
 
 
@@ -86,11 +87,11 @@ def resolve_budget(vram, device="cuda"):
 
 
 def least_budget(model_dir, images, width, height, cfg_batch, text_encoder, dtype, steps=50, text_len=None,
-                 vl_tokens=None):
+                 vl_tokens=None, fp8=False):
     """The smallest budget (bytes) any plan runs this edit in."""
     from engine.vram.planner import smallest_budget
     job, sizes = edit_job(model_dir, images, width, height, cfg_batch, text_encoder, dtype, steps=steps,
-                          text_len=text_len, vl_tokens=vl_tokens)
+                          text_len=text_len, vl_tokens=vl_tokens, fp8=fp8)
     return smallest_budget(job, sizes, "stream")
 
 
@@ -134,14 +135,14 @@ def available_host_bytes():
 
 
 def check_fits(model_dir, images, width, height, cfg_batch, text_encoder, dtype, device, available, steps=50,
-               text_len=None, vl_tokens=None, planned=False):
+               text_len=None, vl_tokens=None, planned=False, fp8=False):
     """Refuse, before any work, an edit that cannot fit `available` bytes (host RAM on the CPU; VRAM on CUDA:
     with everything resident, or under a plan at its smallest budget): one line naming what it needs and the
     largest output size, at the same aspect ratio, that fits. Returns the bytes it needs."""
     import dataclasses
     from engine.vram.planner import gib_up, smallest_budget
     job, sizes = edit_job(model_dir, images, width, height, cfg_batch, text_encoder, dtype, steps=steps,
-                          text_len=text_len, vl_tokens=vl_tokens)
+                          text_len=text_len, vl_tokens=vl_tokens, fp8=fp8)
     if device == "cpu":
         need_of, where = (lambda j: _host_need(j, sizes)), "host RAM"
     else:
@@ -193,6 +194,22 @@ def _planned(opts):
     return planned
 
 
+def fp8_blocks(opts):
+    """Whether the edit's block Linears will be fp8: --weights says so, or (no --weights) a --transformer file
+    whose block Linears are all fp8 in its header (a mixed file counts as bf16: the safe side)."""
+    weights = getattr(opts, "weights", None)
+    if weights:
+        return weights == "fp8"
+    if not getattr(opts, "transformer", None):
+        return False
+    from engine.transforms.fp8 import BLOCK_LINEARS
+    from loaders.single_file import check_transformer_file
+    _, _, _, own, _ = check_transformer_file(opts.transformer)
+    blocks = [v["dtype"] for k, v in own.items()
+              if k.startswith("transformer_blocks.") and any(k.endswith(f".{n}.weight") for n in BLOCK_LINEARS)]
+    return bool(blocks) and all(d.startswith("F8") for d in blocks)
+
+
 def check_job_fits(model_dir, images, opts, text_encoder, cfg_batch, tensors=None):
     """Refuse before any work an edit that cannot fit this machine (host RAM on the CPU, the GPU's free
     memory or the --vram budget on CUDA), naming the largest size that fits."""
@@ -200,7 +217,7 @@ def check_job_fits(model_dir, images, opts, text_encoder, cfg_batch, tensors=Non
     available = available_host_bytes() if opts.device == "cpu" else resolve_budget(opts.vram if planned else None)
     text_len, vl_tokens = job_text_sizes(model_dir, images, opts, tensors, cfg_batch)
     check_fits(model_dir, images, opts.width, opts.height, cfg_batch, text_encoder, _dtype_of(opts), opts.device,
-               available, opts.steps, text_len, vl_tokens, planned=planned)
+               available, opts.steps, text_len, vl_tokens, planned=planned, fp8=fp8_blocks(opts))
 
 
 def plan_job(model_dir, images, opts, text_encoder, cfg_batch, tensors=None):
@@ -210,4 +227,4 @@ def plan_job(model_dir, images, opts, text_encoder, cfg_batch, tensors=None):
     text_len, vl_tokens = job_text_sizes(model_dir, images, opts, tensors, cfg_batch)
     return make_plan(model_dir, images, opts.width, opts.height, cfg_batch, text_encoder, resolve_budget(opts.vram),
                      opts.offload or "auto", _dtype_of(opts), steps=opts.steps, text_len=text_len,
-                     vl_tokens=vl_tokens)
+                     vl_tokens=vl_tokens, fp8=fp8_blocks(opts))

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from loaders import LoadError, read_image, to_rgb
+from loaders.images import MAX_PIXELS
 
 from engine.pipelines import edit, generate
 
@@ -94,6 +95,10 @@ def outpaint(image, pad, mask=None):
     """Pad the canvas with its edge pixels by (left, top, right, bottom) -> (canvas, mask): white in the
     padding; inside, black or `mask` (resized to the image first)."""
     l, t, r, b = pad
+    w, h = image.width + l + r, image.height + t + b
+    if w * h > MAX_PIXELS:
+        raise LoadError(f"--outpaint {l},{t},{r},{b} makes a {w}x{h} canvas ({w * h / 1e6:.0f} MP), over the "
+                        f"{MAX_PIXELS // 10 ** 6} MP limit for images; pad less")
     canvas = Image.fromarray(np.pad(np.asarray(image), ((t, b), (l, r), (0, 0)), mode="edge"))
     inside = np.zeros((image.height, image.width, 3), np.uint8) if mask is None else \
         np.asarray(mask.resize(image.size, resample=Image.LANCZOS))

@@ -74,6 +74,8 @@ def load_models(model_dir, device="cpu", dtype="float32", plan=None, loras=(), t
     if weights == "fp8":
         from engine.transforms.fp8 import quantize_fp8
         quantized = quantize_fp8(transformer, compute_device=device)  # float32 work per layer on `device`
+    if plan is not None and plan.mmdit_resident < len(transformer.transformer_blocks):
+        _check_streamable(transformer, transformer_file)
     vae = load_vae(snap, dt, "cpu")
     models = place_models(transformer, vae, SchedulerConfig.from_dict(snap.config("scheduler")), device, dt, plan)
     if loras and not early:
@@ -90,6 +92,15 @@ def load_models(model_dir, device="cpu", dtype="float32", plan=None, loras=(), t
                                       "(one scale per output channel)")
     models.timings["load"] = time.perf_counter() - start
     return models
+
+
+def _check_streamable(transformer, file):
+    """Streaming moves every block through the same slots, so the blocks must be alike: a mixed fp8 file (some
+    block Linears fp8, others bf16) is refused under a plan with the flag that makes them alike."""
+    kinds = {tuple((n, type(m).__name__) for n, m in blk.named_modules()) for blk in transformer.transformer_blocks}
+    if len(kinds) > 1:
+        raise LoadError(f"{file}: its blocks mix fp8 and bf16 Linears, and a --vram plan streams identical blocks; "
+                        "add --weights fp8 (quantizes the rest) or --weights bf16")
 
 
 def place_models(transformer, vae, scheduler_cfg, device, dtype, plan=None):

@@ -75,14 +75,23 @@ def _bytes(module, dtype_bytes):
     return sum(p.numel() for p in module.parameters()) * dtype_bytes
 
 
-def model_sizes_from_configs(mmdit_cfg, text_cfg, vae_cfg, dtype_bytes=2):
+def _fp8_saving(block, dtype_bytes):
+    """What an fp8 block saves (engine.transforms.fp8): each block Linear's weight at 1 byte per value plus a
+    float32 scale per output channel, instead of dtype_bytes per value."""
+    from engine.transforms.fp8 import BLOCK_LINEARS
+    weights = [block.get_submodule(name).weight for name in BLOCK_LINEARS]
+    return sum(w.numel() * (dtype_bytes - 1) - 4 * w.shape[0] for w in weights)
+
+
+def model_sizes_from_configs(mmdit_cfg, text_cfg, vae_cfg, dtype_bytes=2, fp8=False):
     """Byte counts from the configs, by building one block of each kind on the meta device (no memory).
     text_cfg: (TextConfig, VisionConfig) as engine.models.text_encoder.read_config returns, a TextConfig (default
-    vision tower), or None when the job brings its own prompt embeddings."""
+    vision tower), or None when the job brings its own prompt embeddings. fp8: the blocks' Linears in fp8."""
     with torch.device("meta"):
         block = Block(mmdit_cfg)
         sizes = dict(
-            dtype_bytes=dtype_bytes, block_bytes=_bytes(block, dtype_bytes),
+            dtype_bytes=dtype_bytes, block_bytes=_bytes(block, dtype_bytes) - (_fp8_saving(block, dtype_bytes)
+                                                                                if fp8 else 0),
             mod_bytes=_bytes(block.img_mod, dtype_bytes) + _bytes(block.txt_mod, dtype_bytes),
             blocks=mmdit_cfg.num_layers,
             mmdit_other=_bytes(MMDiT(dataclasses.replace(mmdit_cfg, num_layers=0)), dtype_bytes),
