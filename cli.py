@@ -271,8 +271,6 @@ def cmd_layers(args):
     opts.check()
     if not args.cfg == args.cfg or args.cfg < 0:
         raise _input_error(f"--cfg must be a number >= 0 (1 turns CFG off), got {args.cfg}")
-    if args.prompt is None or not args.prompt.strip():
-        raise _input_error("give --prompt; automatic captioning is not implemented yet")
     if pipeline_for(args.model) is not layered.SPEC:
         raise _input_error(f"{args.model}: `layers` needs a Qwen-Image-Layered snapshot (QwenImageLayeredPipeline)")
     out_dir = Path(args.out_dir)
@@ -284,6 +282,13 @@ def cmd_layers(args):
         print(f"note: {note}", file=sys.stderr)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    if args.prompt is None or not args.prompt.strip():      # as the reference: caption the image first
+        args.prompt, ids = layered.caption_image(args.model, image, args.use_en_prompt, opts, args.device,
+                                                 _dtype(args))
+        if not args.prompt:
+            raise _input_error("the automatic caption came out empty; give --prompt")
+        print(f"caption ({len(ids)} tokens, {time.perf_counter() - t0:.2f}s): {args.prompt}", file=sys.stderr)
+        t0 = time.perf_counter()
     use_negative = args.negative_prompt is not None and args.cfg > 1
     prompts = [args.prompt] + ([args.negative_prompt] if use_negative else [])
     rows = encode_text(args.model, [], prompts, device=args.device, dtype=_dtype(args))
@@ -413,8 +418,10 @@ def build_parser():
     y = sub.add_parser("layers", help="split an image into RGBA layers (a Qwen-Image-Layered snapshot)")
     y.add_argument("--model", required=True, help="snapshot folder of Qwen/Qwen-Image-Layered")
     y.add_argument("--image", required=True, help="the image to split (RGBA; one without alpha is made opaque)")
-    y.add_argument("--prompt", help="what the image shows, occluded parts included (required for now: "
-                   "automatic captioning is not implemented)")
+    y.add_argument("--prompt", help="what the image shows, occluded parts included (default: the text encoder "
+                   "captions the image, as the reference does)")
+    y.add_argument("--use-en-prompt", action="store_true",
+                   help="caption in English when --prompt is empty (default: Chinese, as the reference)")
     y.add_argument("--negative-prompt", default=" ", help='negative prompt for true CFG (default " ")')
     y.add_argument("--layers", type=int, default=4, help="how many layers (2 to 10)")
     y.add_argument("--resolution", type=int, default=640, help="working size bucket: 640 or 1024 (~px per side)")
@@ -481,12 +488,12 @@ def _oom_advice(args):
     (the generic advice when the job cannot be sized)."""
     generic = "give a budget with --vram SIZE (weights then stream from host RAM), or a smaller --width/--height"
     try:
-        from engine.pipelines.budget import job_text_sizes, least_budget
+        from engine.pipelines.budget import fp8_blocks, job_text_sizes, least_budget
         from engine.vram.planner import gib_up
         model_dir, images, cfg_batch, text_encoder, tensors = args.job
         sizes = job_text_sizes(model_dir, images, args, tensors, cfg_batch)
         least = gib_up(least_budget(model_dir, images, args.width, args.height, cfg_batch, text_encoder,
-                                    _dtype(args), args.steps, *sizes))
+                                    _dtype(args), args.steps, *sizes, fp8=fp8_blocks(args)))
     except Exception:
         return generic
     if getattr(args, "vram", None) or getattr(args, "offload", None):

@@ -18,10 +18,14 @@ PREFIXES = (
 PATCH_EMBED = ("visual.patch_embed.proj.weight", "visual.patch_embed.weight")
 
 
-def convert_text_encoder_state(state):
-    """Rename keys to the engine's module names; unknown prefixes are kept so key checks name them."""
+def convert_text_encoder_state(state, keep_lm_head=False):
+    """Rename keys to the engine's module names; unknown prefixes are kept so key checks name them.
+    keep_lm_head: keep `lm_head.weight` (for decoding) instead of dropping it."""
     out = {}
     for key, tensor in state.items():
+        if keep_lm_head and key == "lm_head.weight":
+            out[key] = tensor
+            continue
         new = key
         for old, repl in PREFIXES:
             if key.startswith(old):

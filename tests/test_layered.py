@@ -174,8 +174,6 @@ def one_line_error(capsys, rc, *needles):
 
 
 @pytest.mark.parametrize("extra,needle", [
-    (["--prompt", ""], "automatic captioning is not implemented"),
-    (["--prompt", " "], "automatic captioning is not implemented"),
     (["--prompt", "x", "--resolution", "800"], "--resolution must be 640 or 1024"),
     (["--prompt", "x", "--layers", "1"], "--layers must be 2 to 10"),
     (["--prompt", "x", "--layers", "11"], "--layers must be 2 to 10"),

@@ -186,6 +186,12 @@ class TextEncoder(nn.Module):
             x = layer(x, cos, sin, kv_len)
         return self.norm(x)
 
+    def lm_head_weight(self):
+        """[vocab, D]: needs load_text_encoder(..., lm_head=True)."""
+        if getattr(self, "lm_head", None) is None:
+            raise LoadError("this text encoder was loaded without its LM head (load_text_encoder(lm_head=True))")
+        return self.lm_head.weight
+
     def forward(self, input_ids, attention_mask, pixel_values=None, image_grid_thw=None):
         """Processor outputs (either padding side) -> hidden [B, L, D] in the input's layout."""
         ids, lengths, order = pack_rows(input_ids, attention_mask)
@@ -201,15 +207,25 @@ def pack_rows(input_ids, attention_mask):
     return input_ids.gather(1, order), keep.sum(1), order
 
 
-def load_text_encoder(snapshot, dtype=torch.bfloat16, device="cpu"):
-    """Build on the meta device, assign the checkpoint (either key layout, lm_head dropped), move to device."""
+def load_text_encoder(snapshot, dtype=torch.bfloat16, device="cpu", lm_head=False):
+    """Build on the meta device, assign the checkpoint (either key layout), move to device. lm_head=True
+    (for decoding: engine.models.decode) adds `lm_head`, the embedding itself when tie_word_embeddings;
+    otherwise lm_head is dropped."""
     snapshot = snapshot if isinstance(snapshot, Snapshot) else Snapshot(snapshot)
     dtype = torch_dtype(dtype) if isinstance(dtype, str) else dtype
-    cfg, vision_cfg = read_config(snapshot.config("text_encoder"))
+    config = snapshot.config("text_encoder")
+    cfg, vision_cfg = read_config(config)
     with torch.device("meta"):
         model = TextEncoder(cfg, vision_cfg)
-    state = convert_text_encoder_state(snapshot.weights("text_encoder", dtype=dtype))
+    state = convert_text_encoder_state(snapshot.weights("text_encoder", dtype=dtype), keep_lm_head=lm_head)
+    head = state.pop("lm_head.weight", None)
     assign(model, state, "text_encoder")
+    if lm_head:
+        tied = (config.get("text_config") or {}).get("tie_word_embeddings", config.get("tie_word_embeddings", False))
+        if not tied and head is None:
+            raise LoadError("text_encoder: lm_head.weight is missing and tie_word_embeddings is false")
+        model.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device="meta")
+        model.lm_head.weight = model.embed_tokens.weight if tied else nn.Parameter(head, requires_grad=False)
     return model.requires_grad_(False).eval().to(device)
 
 

@@ -18,6 +18,10 @@ from loaders import LoadError, Snapshot, torch_dtype
 from engine.pipelines.spec import EditSpec, condition_size
 from engine.text.templates import GENERATE_DROP, GENERATE_TEMPLATE
 
+# the reference's image_caption_prompt_en / _cn (its automatic caption when the prompt is empty), verbatim
+CAPTION_TEMPLATE_EN = '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n# Image Annotator\nYou are a professional\nimage annotator. Please write an image caption based on the input image:\n1. Write the caption using natural,\ndescriptive language without structured formats or rich text.\n2. Enrich caption details by including: \n - Object\nattributes, such as quantity, color, shape, size, material, state, position, actions, and so on\n - Vision Relations\nbetween objects, such as spatial relations, functional relations, possessive relations, attachment relations, action\nrelations, comparative relations, causal relations, and so on\n - Environmental details, such as weather, lighting,\ncolors, textures, atmosphere, and so on\n - Identify the text clearly visible in the image, without translation or\nexplanation, and highlight it in the caption with quotation marks\n3. Maintain authenticity and accuracy:\n - Avoid\ngeneralizations\n - Describe all visible information in the image, while do not add information not explicitly shown in\nthe image\n<|vision_start|><|image_pad|><|vision_end|><|im_end|>\n<|im_start|>assistant\n'
+CAPTION_TEMPLATE_CN = '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n# 图像标注器\n你是一个专业的图像标注器。请基于输入图像，撰写图注:\n1.\n使用自然、描述性的语言撰写图注，不要使用结构化形式或富文本形式。\n2. 通过加入以下内容，丰富图注细节：\n - 对象的属性：如数量、颜色、形状、大小、位置、材质、状态、动作等\n -\n对象间的视觉关系：如空间关系、功能关系、动作关系、从属关系、比较关系、因果关系等\n - 环境细节：例如天气、光照、颜色、纹理、气氛等\n - 文字内容：识别图像中清晰可见的文字，不做翻译和解释，用引号在图注中强调\n3.\n保持真实性与准确性：\n - 不要使用笼统的描述\n -\n描述图像中所有可见的信息，但不要加入没有在图像中出现的内容\n<|vision_start|><|image_pad|><|vision_end|><|im_end|>\n<|im_start|>assistant\n'
+CAPTION_MAX_TOKENS = 512    # the reference's generate(max_new_tokens=512)
 RESOLUTIONS = (640, 1024)   # the reference's buckets
 LAYERS = (2, 10)            # the reference app's range (its slider); the pipeline itself checks none
 CLASS_NAME = "QwenImageLayeredPipeline"
@@ -110,6 +114,35 @@ def load_layered(model_dir, device="cpu", dtype="float32"):
     models.source = {"model": snap.root.name, "notes": []}
     models.timings["load"] = time.perf_counter() - start
     return models
+
+
+def caption_image(model_dir, image, use_en_prompt=False, opts: LayeredOptions = None, device="cpu", dtype="float32",
+                  max_new_tokens=None, encoder=None, resize="pil"):
+    """The reference's get_image_caption for an empty prompt: the image Lanczos-resized to the working size
+    (what the reference shows the VL model), the caption template (Chinese unless use_en_prompt, the
+    reference's default), greedy decoding with the snapshot's generation_config (engine.models.decode),
+    special tokens skipped, stripped. resize: the VL processor's backend ("pil" or "torch", as
+    engine.text.processor). Returns (caption, generated ids)."""
+    from PIL import Image
+
+    from engine.models.decode import generation_settings, greedy_decode
+    from engine.models.text_encoder import load_text_encoder
+    from engine.text.processor import Processor
+    from loaders import read_json
+    opts = opts or LayeredOptions()
+    snap = model_dir if isinstance(model_dir, Snapshot) else Snapshot(model_dir)
+    w, h = condition_size(*image.size, opts.area or opts.resolution ** 2)
+    shown = image.resize((w, h), resample=Image.LANCZOS)
+    processor = Processor.load(snap, resize=resize)
+    template = CAPTION_TEMPLATE_EN if use_en_prompt else CAPTION_TEMPLATE_CN
+    inputs = processor([""], shown, template)
+    gen_path = snap.root / "text_encoder" / "generation_config.json"
+    penalty, eos, _ = generation_settings(read_json(gen_path) if gen_path.is_file() else None,
+                                          snap.config("text_encoder"))
+    encoder = encoder or load_text_encoder(snap, torch_dtype(dtype), device, lm_head=True)
+    ids = greedy_decode(encoder, inputs["input_ids"], inputs["pixel_values"].to(device, torch_dtype(dtype)),
+                        inputs["image_grid_thw"], max_new_tokens or CAPTION_MAX_TOKENS, eos, penalty)
+    return processor.tokenizer.backend.decode(ids, skip_special_tokens=True).strip(), ids
 
 
 def denoise_layers(models, latents, cond, txt, txt_len, img_shapes, sigmas, timesteps, cfg, normalize,
