@@ -17,6 +17,7 @@ from PIL import Image
 
 import cli
 import engine.pipelines.spec as spec_mod
+from engine.pipelines.spec import condition_size as real_condition_size   # before small_area patches it
 import engine.server.worker as worker_mod
 from engine.server import build, prepare
 from engine.server.app import create_app
@@ -26,6 +27,7 @@ from tests.test_pipeline_text import text_snapshot  # noqa: F401 (fixture)
 from tests.test_processor import random_image
 
 FULL = 1024 * 1024
+LOCAL = "http://127.0.0.1"     # the Host the server answers (engine.server.app.SameOrigin)
 pytestmark = pytest.mark.usefixtures("one_thread", "small_area")
 
 
@@ -79,7 +81,7 @@ def served(text_snapshot):
     """A warm worker (queue of 2) on the original-Edit snapshot, and a TestClient over it."""
     from starlette.testclient import TestClient
     worker, limits = start(text_snapshot, "--queue", "2")
-    with TestClient(create_app(worker, limits)) as client:
+    with TestClient(create_app(worker, limits), base_url=LOCAL) as client:
         yield client, worker, limits
     worker.close()
 
@@ -179,7 +181,7 @@ def test_limits_413_422_404_409(served):
     assert r.status_code == 413 and r.json()["error"] == "the upload is over the 50 MiB limit"
     from starlette.testclient import TestClient
     small = Limits(limits.spec, 90 * 90, "--max-pixels")
-    with TestClient(create_app(worker, small)) as tight:
+    with TestClient(create_app(worker, small), base_url=LOCAL) as tight:
         r = tight.post("/v1/edit", **form(width=256, height=128))
         assert r.status_code == 422 and r.json()["error"] == (
             "output 256x128 is 0.03 MP, over this server's limit of 0.01 MP (--max-pixels); "
@@ -238,7 +240,7 @@ def test_token(served):
     """With a token every route needs the header (401 otherwise); a non-loopback host needs a token."""
     from starlette.testclient import TestClient
     _, worker, limits = served
-    with TestClient(create_app(worker, limits, token="s3cret")) as client:
+    with TestClient(create_app(worker, limits, token="s3cret"), base_url=LOCAL) as client:
         for path in ("/", "/health", "/v1/jobs/x"):
             for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
                 r = client.get(path, headers=headers)
@@ -287,7 +289,7 @@ def test_not_ready_then_shutting_down(text_snapshot, monkeypatch):
     gate, real = threading.Event(), worker_mod.load_models
     monkeypatch.setattr(worker_mod, "load_models", lambda *a, **k: gate.wait(30) and real(*a, **k))
     worker, limits = prepare(serve_args(text_snapshot))
-    with TestClient(create_app(worker.start(), limits)) as client:
+    with TestClient(create_app(worker.start(), limits), base_url=LOCAL) as client:
         h = client.get("/health").json()
         assert h["ready"] is False and h["state"] == "loading"
         r = client.post("/v1/edit", **form())
@@ -318,7 +320,7 @@ def test_plus_two_images_match_cli(tmp_path_factory, tmp_path):
     assert rc == 0, err
     worker, limits = start(root)
     try:
-        with TestClient(create_app(worker, limits)) as client:
+        with TestClient(create_app(worker, limits), base_url=LOCAL) as client:
             got = client.post("/v1/edit", **form(images))
             assert got.status_code == 200 and got.content == (tmp_path / "cli.png").read_bytes()
             swapped = client.post("/v1/edit", **form(images[::-1])).content
@@ -346,7 +348,7 @@ def test_lora_fused_at_load_matches_cli(served, text_snapshot, tmp_path):
     assert rc == 0, err
     worker, limits = start(text_snapshot, "--lora", lora)
     try:
-        with TestClient(create_app(worker, limits)) as client:
+        with TestClient(create_app(worker, limits), base_url=LOCAL) as client:
             got = client.post("/v1/edit", **form())
             assert got.status_code == 200 and got.content == (tmp_path / "cli.png").read_bytes()
             assert "Lora: style.safetensors:0.8" in Image.open(io.BytesIO(got.content)).text["parameters"]
@@ -373,7 +375,7 @@ def test_fp8_weights_match_cli(text_snapshot, tmp_path):
         outs[weights] = out.read_bytes()
     worker, limits = start(text_snapshot, "--weights", "fp8")
     try:
-        with TestClient(create_app(worker, limits)) as client:
+        with TestClient(create_app(worker, limits), base_url=LOCAL) as client:
             got = client.post("/v1/edit", **form())
             assert got.status_code == 200 and got.content == outs["fp8"]
             assert json.loads(Image.open(io.BytesIO(got.content)).text["qwen_image_edit"])["weights"] == "fp8"
@@ -478,3 +480,113 @@ def test_vram_plan_for_serving(text_snapshot):
     assert areas[0] < areas[1] < areas[2] == top
     side = math.isqrt(areas[1])
     assert serve_plan(text_snapshot, int(1.5 * GiB), "float32", (side + 16) ** 2)[1] == areas[1]  # the largest
+
+
+def test_host_and_origin_checked(served):
+    """Against other web pages: a Host that does not name this server is 403 (DNS rebinding), a POST or
+    DELETE from another origin is 403 (a cross-site multipart form needs no preflight); the same origin,
+    localhost on any port and a client that sends no Origin are served."""
+    from starlette.testclient import TestClient
+    client, worker, limits = served
+    r = client.get("/health", headers={"Host": "evil.example:7860"})
+    assert r.status_code == 403 and "evil.example" in r.json()["error"] and "\n" not in r.json()["error"]
+    assert client.post("/v1/jobs", headers={"Host": "rebound.example"}, **form()).status_code == 403
+    for origin in ("http://evil.example", "http://127.0.0.1.evil.example", "null", "http://localhost:3000"):
+        r = client.post("/v1/edit", headers={"Origin": origin}, **form())
+        assert r.status_code == 403 and r.json()["error"].startswith("cross-origin POST"), origin
+    assert client.delete("/v1/jobs/x", headers={"Origin": "http://evil.example"}).status_code == 403
+    assert client.get("/health", headers={"Origin": "http://evil.example"}).status_code == 200  # a read: CORS blocks it
+    assert client.post("/v1/edit", headers={"Origin": LOCAL}, **form()).status_code == 200     # the page
+    for host in ("localhost:7860", "127.0.0.1:1", "[::1]:7860"):
+        origin = f"http://{host}"
+        assert client.get("/health", headers={"Host": host}).status_code == 200, host
+        assert client.delete("/v1/jobs/x", headers={"Host": host, "Origin": origin}).status_code == 404, host
+    with TestClient(create_app(worker, limits, token="t", host="192.168.1.5"), base_url="http://192.168.1.5:80") as lan:
+        auth = {"Authorization": "Bearer t"}
+        assert lan.get("/health", headers=auth).status_code == 200
+        assert lan.get("/health", headers={**auth, "Host": "evil.example"}).status_code == 403
+
+
+def test_extreme_aspect_ratios(served, monkeypatch):
+    """An image too thin to resize (20000x1) and one whose default output would pass MAX_SIDE (4000x1 at
+    1 MP: 64768x32) are 422 with one line, not 500."""
+    client, _, _ = served
+    for path in ("/v1/edit", "/v1/jobs"):
+        r = client.post(path, **form([("thin.png", png(20000, 1))]))
+        assert r.status_code == 422 and "aspect ratio is too extreme" in r.json()["error"], r.text
+        assert "\n" not in r.json()["error"]
+    monkeypatch.setattr(spec_mod, "condition_size", real_condition_size)     # the 1 MP area
+    r = client.post("/v1/edit", **form([("thin.png", png(4000, 1))]))
+    assert r.status_code == 422 and r.json()["error"].startswith("the default output 64768x32 ") and (
+        "4096 px" in r.json()["error"]), r.text
+    assert client.post("/v1/jobs", **form([("thin.png", png(4000, 1))])).status_code == 422
+
+
+def test_forgotten_job_takes_no_history_slot(served, monkeypatch):
+    """A job forgotten while it runs (its POST /v1/edit client gone) is not kept among the finished."""
+    client, worker, _ = served
+    with patched_edit(monkeypatch, hold=11) as (gate, reached):
+        job_id = client.post("/v1/jobs", **form(seed=11)).json()["id"]
+        assert reached.wait(30)
+        job, _ = worker.get(job_id)
+        worker.forget(job_id)
+        gate.set()
+        deadline = time.monotonic() + 30
+        while not job.finished and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert job.state == "done" and job_id not in worker._finished and worker.get(job_id) == (None, None)
+
+
+def test_vram_plan_streams_text_encoder_once(served, text_snapshot, monkeypatch):
+    """serve --vram: the text encoder is streamed once at load and kept; two requests (and the warm-up)
+    stream nothing more and give the same bytes as the server without a plan."""
+    from starlette.testclient import TestClient
+    import engine.pipelines.text as text_mod
+    from engine.server.plan import serve_plan
+    calls = {"worker": 0, "text": 0}
+
+    def counting(where, real):
+        def stream(blocks, *a, **k):
+            calls[where] += 1
+            return real(blocks, *a, **k)
+        return stream
+    monkeypatch.setattr(worker_mod, "stream_blocks", counting("worker", worker_mod.stream_blocks))
+    monkeypatch.setattr(text_mod, "stream_blocks", counting("text", text_mod.stream_blocks))
+    removed = []
+    plan, _ = serve_plan(text_snapshot, 8 * 2 ** 30, "float32", 4096 * 4096)
+    assert plan.te_resident == 0
+    want = served[0].post("/v1/edit", **form()).content
+    worker = worker_mod.Worker(text_snapshot, "cpu", "float32", plan=plan).start()
+    try:
+        assert worker.wait_ready(60), worker.startup_error
+        assert calls == {"worker": 2, "text": 0}                     # layers and vision blocks, at load
+        for h in worker._te_handles:
+            monkeypatch.setattr(h, "remove", lambda h=h, real=h.remove: removed.append(h) or real())
+        _, limits = served[1:]
+        with TestClient(create_app(worker, limits), base_url=LOCAL) as client:
+            got = [client.post("/v1/edit", **form()) for _ in range(2)]
+        assert [g.status_code for g in got] == [200, 200]
+        assert got[0].content == got[1].content == want
+        assert calls == {"worker": 2, "text": 0} and not removed
+    finally:
+        worker.close()
+    assert len(removed) == 2 and worker._te_handles == []            # released when the worker stops
+
+
+def test_decode_image_from_many_threads():
+    """decode_image on several threads at once: PIL's process-wide pixel limit ends as it began, and the
+    100 MP refusal keeps its one line."""
+    from concurrent.futures import ThreadPoolExecutor
+    from PIL import Image as PILImage
+    from engine.server.form import ApiError, decode_image
+    before, data = PILImage.MAX_IMAGE_PIXELS, png(64, 48)
+    with ThreadPoolExecutor(8) as pool:
+        sizes = list(pool.map(lambda i: decode_image(data, f"{i}.png").size, range(64)))
+    assert sizes == [(64, 48)] * 64 and PILImage.MAX_IMAGE_PIXELS == before
+    buf = io.BytesIO()
+    PILImage.new("1", (12000, 9000)).save(buf, format="PNG")       # 108 MP, a small file
+    with pytest.raises(ApiError) as e:
+        decode_image(buf.getvalue(), "huge.png")
+    assert e.value.status == 422 and str(e.value) == ("huge.png is 12000x9000 (108 MP), over the 100 MP limit; "
+                                                      "downscale it first")
+    assert PILImage.MAX_IMAGE_PIXELS == before

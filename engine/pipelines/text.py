@@ -44,14 +44,16 @@ def prompt_images(spec, images, area=1024 * 1024):
     return [im.resize(size, resample=Image.LANCZOS) for im, size in zip(images, sizes)]
 
 
-def run_text_encoder(processor, te, jobs, device, area=1024 * 1024, plan=None, spec=EDIT):
+def run_text_encoder(processor, te, jobs, device, area=1024 * 1024, plan=None, spec=EDIT, streamed=False):
     """encode_texts with a built text encoder (on `device`, or on the host when a plan streams it). With a
     plan, the streamed layers' hooks and pinned host buffers are released before returning (errors too);
-    the caller drops `te` to free its device memory."""
+    the caller drops `te` to free its device memory. streamed=True: the caller has already placed `te` (the
+    same stream_blocks/move_except calls as below, made once and kept, as the warm server does): nothing is
+    streamed or released here."""
     from engine.models.text_encoder import encode_prompts
     handles = []
     try:
-        if plan is not None:
+        if plan is not None and not streamed:
             handles.append(stream_blocks(te.layers, device, plan.te_resident, skip=()))
             handles.append(stream_blocks(te.visual.blocks, device, plan.vision_resident, skip=()))
             # the 1.1 GB embedding table stays on the host: a lookup of a few thousand rows, copied over

@@ -98,7 +98,7 @@ def build(args):
             super().handle_exit(sig, frame)
 
     sock = listen(args.host, args.port)
-    config = uvicorn.Config(create_app(worker, limits, args.token), log_level="warning", lifespan="on",
+    config = uvicorn.Config(create_app(worker, limits, args.token, host=args.host), log_level="warning", lifespan="on",
                             timeout_graceful_shutdown=10)
     server = Server(config)
     worker.on_fatal = lambda: setattr(server, "should_exit", True)

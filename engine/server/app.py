@@ -46,6 +46,58 @@ class BearerToken:
         await self.app(scope, receive, send)
 
 
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+UNSAFE = ("POST", "PUT", "PATCH", "DELETE")
+
+
+def _split_host(netloc):
+    """'Host' header or URL netloc -> (host lowercased without brackets, port str or '')."""
+    netloc = netloc.strip().lower()
+    if netloc.startswith("["):
+        host, _, rest = netloc[1:].partition("]")
+        return host, rest[1:] if rest.startswith(":") else ""
+    host, _, port = netloc.rpartition(":") if netloc.count(":") == 1 else (netloc, "", "")
+    return host, port
+
+
+class SameOrigin:
+    """Against other web pages (no token on loopback: any page can POST a multipart form, which needs no
+    CORS preflight, and DNS rebinding lets it read the answers): a request whose Host header does not name
+    this server (127.0.0.1, localhost, [::1] or the --host address, any port) is 403, and a POST/DELETE
+    whose Origin header is not this server's own origin (scheme://Host) is 403. Clients that are not
+    browsers send no Origin; the page (same origin) sends its own. --host 0.0.0.0/:: (which needs a
+    token) takes any Host."""
+
+    def __init__(self, app, host):
+        host = host.strip("[]").lower()
+        self.app, self.any_host = app, host in ("0.0.0.0", "::", "")
+        self.names = set(LOOPBACK_NAMES) | {host}
+
+    def refusal(self, scope):
+        headers = dict(scope["headers"])
+        given = headers.get(b"host", b"").decode("latin-1")
+        name, _ = _split_host(given)
+        if not self.any_host and name not in self.names:
+            return f"this server answers requests for {' / '.join(sorted(self.names))} only, not Host {given[:80]!r}"
+        origin = headers.get(b"origin")
+        if origin is not None and scope["method"] in UNSAFE:
+            origin = origin.decode("latin-1").strip()
+            scheme, _, netloc = origin.partition("://")
+            default = {"http": "80", "https": "443"}.get(scheme.lower())
+            same = lambda a, b: (a[0], a[1] or default) == (b[0], b[1] or default)
+            if default is None or "/" in netloc or not given or not same(_split_host(netloc), _split_host(given)):
+                return (f"cross-origin {scope['method']} from {origin[:80]!r} refused: use this server's own page "
+                        "or a client that is not a browser")
+        return None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            why = self.refusal(scope)
+            if why:
+                return await error(403, why)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 async def read_form(request):
     """The multipart body, at most MAX_UPLOAD bytes -> {field: [str or (bytes, filename), ...]}."""
     length = request.headers.get("content-length", "")
@@ -76,8 +128,9 @@ async def read_form(request):
         await form.close()
 
 
-def create_app(worker, limits, token=None, log=sys.stderr):
-    """The Starlette app over a Worker (started by the caller); limits: engine.server.form.Limits."""
+def create_app(worker, limits, token=None, log=sys.stderr, host="127.0.0.1"):
+    """The Starlette app over a Worker (started by the caller); limits: engine.server.form.Limits; host: the
+    address it is served on (--host), for the Host/Origin check (SameOrigin)."""
     page = PAGE.read_bytes()
 
     async def submit(request):
@@ -172,4 +225,4 @@ def create_app(worker, limits, token=None, log=sys.stderr):
                 QueueFull: lambda r, e: error(429, str(e)), NotReady: lambda r, e: error(503, str(e)),
                 Exception: internal}
     app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
-    return BearerToken(app, token) if token else app
+    return SameOrigin(BearerToken(app, token) if token else app, host)

@@ -3,11 +3,13 @@ queued: field types (400), ranges and sizes (422), the upload's size (413). Imag
 decoded with loaders.images.read_image's rules; no path from a request is ever opened."""
 import io
 import math
+import threading
 import warnings
 from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from loaders import LoadError
 from loaders.images import MAX_PIXELS, to_rgb
 
 from engine.config import RunOptions
@@ -49,21 +51,36 @@ class EditRequest:
     opts: RunOptions
 
 
+_OPEN_LOCK = threading.Lock()   # Image.MAX_IMAGE_PIXELS and the warning filters are process-wide
+
+
+def _open(data, name):
+    """Image.open (the header only: no pixels decoded) and the pixel limit, under _OPEN_LOCK: PIL's own
+    limit is raised to ours while it opens, then restored, one thread at a time."""
+    with _OPEN_LOCK:
+        limit = Image.MAX_IMAGE_PIXELS
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                Image.MAX_IMAGE_PIXELS = MAX_PIXELS   # our own limit below, with our own message
+                img = Image.open(io.BytesIO(data))
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+    w, h = img.size
+    if w * h > MAX_PIXELS:
+        raise ApiError(422, f"{name} is {w}x{h} ({w * h / 1e6:.0f} MP), over the {MAX_PIXELS // 10**6} MP "
+                            "limit; downscale it first")
+    return img
+
+
 def decode_image(data, name):
     """Bytes of an uploaded file -> RGB PIL image, EXIF orientation applied, 16-bit scaled, alpha over
-    white (loaders.images.read_image's rules and pixel limit)."""
-    limit = Image.MAX_IMAGE_PIXELS
+    white (loaders.images.read_image's rules and pixel limit). Thread-safe: the routes decode uploads on
+    several threads while the worker decodes its job's."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            Image.MAX_IMAGE_PIXELS = MAX_PIXELS   # our own limit below, with our own message
-            img = Image.open(io.BytesIO(data))
-            w, h = img.size
-            if w * h > MAX_PIXELS:
-                raise ApiError(422, f"{name} is {w}x{h} ({w * h / 1e6:.0f} MP), over the {MAX_PIXELS // 10**6} MP "
-                                    "limit; downscale it first")
-            img.load()
-            img = ImageOps.exif_transpose(img)
+        img = _open(data, name)
+        img.load()                      # decoded outside the lock: decodes run side by side
+        img = ImageOps.exif_transpose(img)
     except ApiError:
         raise
     except Image.DecompressionBombError:
@@ -74,8 +91,6 @@ def decode_image(data, name):
     except (OSError, SyntaxError, ValueError) as e:
         raise ApiError(400, f"cannot read image {name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
                             "is it a complete PNG/JPEG/WebP file?") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = limit
     if img.width == 0 or img.height == 0:
         raise ApiError(400, f"image {name} has zero size")
     return to_rgb(img)
@@ -146,9 +161,18 @@ def parse_edit(fields, limits):
         images.append(data)
         names.append(name)
 
-    ow, oh = spec.output_size(sizes)
+    try:
+        ow, oh = spec.output_size(sizes)
+        spec.vae_sizes(sizes)       # every image's VAE and VL sizes too: an extreme aspect ratio is
+        spec.vl_sizes(sizes)        # refused here, not by the worker
+    except LoadError as e:
+        raise ApiError(422, str(e).splitlines()[0]) from None
     m = limits.multiple
     w, h = (width or ow) // m * m, (height or oh) // m * m
+    for key, value, given in (("width", w, width), ("height", h, height)):
+        if given is None and not m <= value <= MAX_SIDE:
+            raise ApiError(422, f"the default output {w}x{h} (from the image's aspect ratio) has a {key} outside "
+                                f"{m} to {MAX_SIDE} px; give width and height, or crop the image")
     if w * h > limits.max_pixels:
         raise ApiError(422, f"output {w}x{h} is {w * h / 1e6:.2f} MP, over this server's limit of "
                             f"{limits.max_pixels / 1e6:.2f} MP ({limits.why}); ask for a smaller width/height")

@@ -26,6 +26,7 @@ from engine.pipelines.metadata import png_text
 from engine.pipelines.text import run_text_encoder
 from engine.server.form import EditRequest, decode_image
 from engine.text.processor import PromptError
+from engine.vram.offload import move_except, stream_blocks
 
 KEEP_FINISHED = 32      # finished jobs (and their PNGs) kept for GET /v1/jobs/{id}; older ones are forgotten
 
@@ -93,6 +94,7 @@ class Worker:
         self._cond = threading.Condition()
         self._queue, self._jobs, self._finished = deque(), {}, deque()
         self._running = None
+        self._te_handles = []           # the text encoder's stream handles under a plan: made at load, kept
         self._ready, self._closing = False, False
         self._settled = threading.Event()   # set once ready or failed
         self._thread = threading.Thread(target=self._main, name="qie-worker", daemon=True)
@@ -189,6 +191,12 @@ class Worker:
     # ---- the worker thread ------------------------------------------------------------------------
 
     def _main(self):
+        try:
+            self._serve()
+        finally:
+            self._release()
+
+    def _serve(self):
         torch.set_num_threads(self.threads)
         try:
             self._load()
@@ -223,12 +231,31 @@ class Worker:
         self.processor = load_processor(snap)
         # with a plan the text encoder stays on the host and streams (engine/server/plan.py)
         self.text_encoder = load_text_encoder(snap, torch_dtype(self.dtype), "cpu" if self.plan else self.device)
+        if self.plan is not None:       # streamed once, as run_text_encoder would per call; kept until close
+            self._stream_text_encoder()
         self.models = load_models(self.model_dir, self.device, self.dtype, self.plan, self.loras, self.transformer_file,
                                   weights=self.weights)
         for line in self.models.source.get("notes", []):
             print(f"note: {line}", file=self.log)
         print(f"loaded {self.model} ({self.spec.class_name}) on {self.device} in {time.perf_counter() - t0:.2f}s",
               file=self.log)
+
+    def _stream_text_encoder(self):
+        """The same placement run_text_encoder makes for a plan, made once: its layers and vision blocks
+        stream from (pinned) host memory, the rest but the embedding table on the device."""
+        te, plan = self.text_encoder, self.plan
+        self._te_handles.append(stream_blocks(te.layers, self.device, plan.te_resident, skip=()))
+        self._te_handles.append(stream_blocks(te.visual.blocks, self.device, plan.vision_resident, skip=()))
+        move_except(te, self.device, te.layers, te.visual.blocks, te.embed_tokens)
+
+    def _release(self):
+        """On the worker thread, once it stops: the text encoder's stream hooks and pinned buffers go."""
+        handles, self._te_handles = self._te_handles, []
+        for h in handles:
+            try:
+                h.remove()
+            except Exception:
+                traceback.print_exc(file=self.log)
 
     def _warm_up(self):
         """One tiny edit through the whole path (text encoder with CFG's two prompts, VAE, MMDiT, PNG)."""
@@ -270,7 +297,7 @@ class Worker:
         opts = request.opts
         prompts = [request.prompt] + ([request.negative_prompt] if opts.cfg > 1 else [])
         rows = run_text_encoder(self.processor, self.text_encoder, [(images, prompts)], self.device,
-                                plan=self.plan, spec=self.spec)[0]
+                                plan=self.plan, spec=self.spec, streamed=self.plan is not None)[0]
         tensors = inputs.rows_to_tensors(rows)
         if job is not None and job.cancel:
             raise Cancelled()
@@ -294,7 +321,8 @@ class Worker:
     def _finish(self, job, state, png=None, error=None, input_error=False):
         """Under the lock: the job's final state; the oldest finished jobs beyond KEEP_FINISHED forgotten."""
         job.state, job.png, job.error, job.input_error = state, png, error, input_error
-        self._finished.append(job.id)
+        if self._jobs.get(job.id) is job:      # a forgotten job (its POST /v1/edit client gone) takes no slot
+            self._finished.append(job.id)
         while len(self._finished) > KEEP_FINISHED:
             self._jobs.pop(self._finished.popleft(), None)
         callbacks, job._done = job._done, []
