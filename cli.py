@@ -274,13 +274,18 @@ def cmd_layers(args):
     if pipeline_for(args.model) is not layered.SPEC:
         raise _input_error(f"{args.model}: `layers` needs a Qwen-Image-Layered snapshot (QwenImageLayeredPipeline)")
     out_dir = Path(args.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise _input_error(f"--out-dir {out_dir} is a file; give a folder (it is made if missing)")
     outs = [out_dir / f"layer_{i}.png" for i in range(args.layers)] + [out_dir / "layers.ora"]
     if not args.force and any(o.exists() for o in outs):
         raise _input_error(f"{out_dir} already holds layer PNGs or layers.ora; pass --force to overwrite them")
     image, note = layered.read_rgba(args.image)
     if note:
         print(f"note: {note}", file=sys.stderr)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _input_error(f"cannot make --out-dir {out_dir}: {e.strerror}") from None
     t0 = time.perf_counter()
     if args.prompt is None or not args.prompt.strip():      # as the reference: caption the image first
         args.prompt, ids = layered.caption_image(args.model, image, args.use_en_prompt, opts, args.device,

@@ -7,6 +7,8 @@ import zipfile
 
 from PIL import Image
 
+from .safetensors_io import atomic_write_bytes
+
 MIMETYPE = "image/openraster"
 
 
@@ -38,7 +40,8 @@ def write_ora(path, layers, names=None):
     merged = composite(layers)
     thumb = merged.copy()
     thumb.thumbnail((256, 256))
-    with zipfile.ZipFile(path, "w") as z:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
         z.writestr(zipfile.ZipInfo("mimetype"), MIMETYPE, compress_type=zipfile.ZIP_STORED)
         z.writestr("stack.xml", ET.tostring(root, encoding="UTF-8", xml_declaration=True),
                    compress_type=zipfile.ZIP_DEFLATED)
@@ -46,6 +49,7 @@ def write_ora(path, layers, names=None):
             z.writestr(f"data/{name}.png", _png(im), compress_type=zipfile.ZIP_STORED)   # PNG is compressed
         z.writestr("mergedimage.png", _png(merged), compress_type=zipfile.ZIP_STORED)
         z.writestr("Thumbnails/thumbnail.png", _png(thumb), compress_type=zipfile.ZIP_STORED)
+    atomic_write_bytes(path, buf.getvalue(), force=True)   # the caller checked what may be overwritten
 
 
 def read_ora(path):

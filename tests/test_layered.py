@@ -208,6 +208,11 @@ def test_wrong_snapshot_and_images(snapshot, tiny_snapshot, tmp_path, capsys):
     rc = cli.main(["layers", "--model", str(snapshot), "--image", str(blank), "--prompt", "x",
                    "--device", "cpu", "--out-dir", str(tmp_path / "L")])
     one_line_error(capsys, rc, "fully transparent")
+    (tmp_path / "a_file").write_bytes(b"keep me")
+    rc = cli.main(["layers", "--model", str(snapshot), "--image", str(src), "--prompt", "x",
+                   "--device", "cpu", "--out-dir", str(tmp_path / "a_file")])
+    one_line_error(capsys, rc, "is a file; give a folder")
+    assert (tmp_path / "a_file").read_bytes() == b"keep me"
 
 
 def test_image_without_alpha_is_made_opaque():
