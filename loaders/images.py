@@ -13,6 +13,12 @@ MAX_PIXELS = 100_000_000  # larger inputs are refused before decoding; the edit 
 def read_image(path):
     """Any PIL-readable file -> RGB PIL image, EXIF orientation applied. 16-bit and float images are
     scaled to 8 bits (not clipped); alpha is composited over white; CMYK and palettes converted."""
+    return to_rgb(open_image(path))
+
+
+def open_image(path, what="image"):
+    """Any PIL-readable file -> the decoded PIL image in its own mode, EXIF orientation applied; over
+    MAX_PIXELS, missing, corrupt or empty: one LoadError line (`what` names the file's role: image, mask)."""
     limit = Image.MAX_IMAGE_PIXELS
     try:
         with warnings.catch_warnings():
@@ -28,17 +34,17 @@ def read_image(path):
     except LoadError:
         raise
     except FileNotFoundError:
-        raise LoadError(f"image {path} does not exist") from None
+        raise LoadError(f"{what} {path} does not exist") from None
     except Image.DecompressionBombError:
         raise LoadError(f"{path} is over the {MAX_PIXELS // 10**6} MP limit; downscale it first") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise LoadError(f"cannot read image {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
+        raise LoadError(f"cannot read {what} {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
                         "is it a complete PNG/JPEG/WebP file?") from None
     finally:
         Image.MAX_IMAGE_PIXELS = limit
     if img.width == 0 or img.height == 0:
-        raise LoadError(f"image {path} has zero size")
-    return to_rgb(img)
+        raise LoadError(f"{what} {path} has zero size")
+    return img
 
 
 def to_rgb(img):

@@ -16,10 +16,10 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from loaders import LoadError, read_image, to_rgb
-from loaders.images import MAX_PIXELS
+from loaders.images import MAX_PIXELS, open_image
 
 from engine.pipelines import edit, generate
 
@@ -66,17 +66,7 @@ def first_step(steps, strength):
 def read_mask(path):
     """A mask file -> RGB PIL image (white = repaint), EXIF orientation applied; an alpha channel is dropped,
     as diffusers' load_image does."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im)
-    except FileNotFoundError:
-        raise LoadError(f"mask {path} does not exist") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise LoadError(f"cannot read mask {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
-                        "is it a complete PNG/JPEG/WebP file?") from None
-    if im.width == 0 or im.height == 0:
-        raise LoadError(f"mask {path} has zero size")
+    im = open_image(path, "mask")
     return im.convert("RGB") if "A" in im.getbands() or im.mode == "P" else to_rgb(im)
 
 

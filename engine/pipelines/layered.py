@@ -60,21 +60,8 @@ class LayeredOptions:
 
 def read_rgba(path):
     """An image file -> (PIL RGBA, note or None), EXIF orientation applied; one-line errors."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-    try:
-        img = Image.open(path)
-        img.load()
-        img = ImageOps.exif_transpose(img)
-    except FileNotFoundError:
-        raise LoadError(f"image {path} does not exist") from None
-    except Image.DecompressionBombError:
-        raise LoadError(f"{path} is too large to decode safely; downscale it first") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        why = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise LoadError(f"cannot read image {path}: {why}") from None
-    if img.width == 0 or img.height == 0:
-        raise LoadError(f"image {path} has zero size")
-    return rgba_input(img)
+    from loaders.images import open_image
+    return rgba_input(open_image(path))
 
 
 def rgba_input(img):
