@@ -107,7 +107,11 @@ def test_scaled_mm_call_on_this_cpu_build():
     try:
         got = k8.fp8_linear(x[None], q, s, b)[0]
     except (RuntimeError, NotImplementedError) as e:
-        pytest.skip(f"no CPU torch._scaled_mm here: {e}")
+        # only a missing CPU kernel is a skip (torch builds before the CPU fp8 GEMM); a refused argument
+        # layout is the failure this test is for
+        if not any(m in str(e).lower() for m in ("not implemented", "could not run", "no kernel")):
+            raise
+        pytest.skip(f"no CPU torch._scaled_mm in this torch build: {str(e).splitlines()[0]}")
     assert got.dtype == torch.bfloat16 and got.shape == (37, 48)
     assert (got.float() - exact_q).abs().max() <= 2 ** -7 * exact_q.abs().max()   # bf16 output rounding
     ref = k8.fp8_linear_ref(x.float(), q, s, b.float())                          # no activation rounding
