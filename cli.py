@@ -78,7 +78,8 @@ def _check_fits(model_dir, images, args, text_encoder, cfg_batch, tensors=None):
 
 
 def _plan(model_dir, images, args, text_encoder, cfg_batch, tensors=None):
-    """The VRAM plan when --vram or --offload is given (printed), else None: everything on the device."""
+    """Refuse an edit that cannot fit (as _check_fits), then the VRAM plan when --vram or --offload is given
+    (printed), else None: everything on the device."""
     from engine.pipelines.budget import plan_job
     args.job = (model_dir, images, cfg_batch, text_encoder, tensors)   # for the out-of-memory advice
     p = plan_job(model_dir, images, args, text_encoder, cfg_batch, tensors)
@@ -223,7 +224,6 @@ def cmd_edit(args):
     inputs.check_transformer(args.transformer, args.model)
     tensors = inputs.read_embeds(args.prompt_embeds) if args.prompt_embeds else None
     cfg_batch = 2 if args.cfg > 1 and (tensors is None or "negative_prompt_embeds" in tensors) else 1
-    _check_fits(args.model, images, args, text_encoder=tensors is None, cfg_batch=cfg_batch, tensors=tensors)
     plan = _plan(args.model, images, args, text_encoder=tensors is None, cfg_batch=cfg_batch, tensors=tensors)
     if tensors is None:
         tensors = _encode(args.model, images, args, plan)
@@ -247,7 +247,6 @@ def cmd_generate(args):
     loras = inputs.read_loras(args.lora, args.model)
     inputs.check_transformer(args.transformer, args.model)
     cfg_batch = 2 if args.cfg > 1 else 1
-    _check_fits(args.model, [], args, text_encoder=True, cfg_batch=cfg_batch)
     plan = _plan(args.model, [], args, text_encoder=True, cfg_batch=cfg_batch)
     tensors = _encode(args.model, [], args, plan)
     args.images, args.prompt_embeds = [], None
@@ -343,7 +342,6 @@ def cmd_demo(args):
     _check_run(args)
     images = [sample_image()]
     tensors = inputs.read_embeds(root / "demo_prompt.safetensors")
-    _check_fits(root, images, args, text_encoder=False, cfg_batch=2 if args.cfg > 1 else 1, tensors=tensors)
     plan = _plan(root, images, args, text_encoder=False, cfg_batch=2 if args.cfg > 1 else 1, tensors=tensors)
     args.prompt_embeds, args.images = "demo_prompt.safetensors", ["(built-in sample image)"]
     loras = inputs.read_loras(args.lora, root)

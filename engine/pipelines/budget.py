@@ -210,21 +210,25 @@ def fp8_blocks(opts):
     return bool(blocks) and all(d.startswith("F8") for d in blocks)
 
 
-def check_job_fits(model_dir, images, opts, text_encoder, cfg_batch, tensors=None):
+def check_job_fits(model_dir, images, opts, text_encoder, cfg_batch, tensors=None, text_sizes=None):
     """Refuse before any work an edit that cannot fit this machine (host RAM on the CPU, the GPU's free
-    memory or the --vram budget on CUDA), naming the largest size that fits."""
+    memory or the --vram budget on CUDA), naming the largest size that fits. text_sizes: job_text_sizes'
+    result when the caller has it (tokenizing loads the tokenizer)."""
     planned = _planned(opts)
     available = available_host_bytes() if opts.device == "cpu" else resolve_budget(opts.vram if planned else None)
-    text_len, vl_tokens = job_text_sizes(model_dir, images, opts, tensors, cfg_batch)
+    text_len, vl_tokens = text_sizes or job_text_sizes(model_dir, images, opts, tensors, cfg_batch)
     check_fits(model_dir, images, opts.width, opts.height, cfg_batch, text_encoder, _dtype_of(opts), opts.device,
                available, opts.steps, text_len, vl_tokens, planned=planned, fp8=fp8_blocks(opts))
 
 
 def plan_job(model_dir, images, opts, text_encoder, cfg_batch, tensors=None):
-    """The VRAM plan when --vram or --offload is given (CUDA only), else None: everything on the device."""
-    if not _planned(opts):
+    """check_job_fits, then the VRAM plan when --vram or --offload is given (CUDA only), else None: everything
+    on the device. The prompts are tokenized once for both."""
+    planned = _planned(opts)          # a budget on the CPU is refused before anything is tokenized
+    text_len, vl_tokens = sizes = job_text_sizes(model_dir, images, opts, tensors, cfg_batch)
+    check_job_fits(model_dir, images, opts, text_encoder, cfg_batch, tensors, sizes)
+    if not planned:
         return None
-    text_len, vl_tokens = job_text_sizes(model_dir, images, opts, tensors, cfg_batch)
     return make_plan(model_dir, images, opts.width, opts.height, cfg_batch, text_encoder, resolve_budget(opts.vram),
                      opts.offload or "auto", _dtype_of(opts), steps=opts.steps, text_len=text_len,
                      vl_tokens=vl_tokens, fp8=fp8_blocks(opts))
