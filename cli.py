@@ -261,7 +261,9 @@ def cmd_layers(args):
 
     from tqdm import tqdm
 
-    from engine.pipelines import layered, pipeline_for
+    from engine.pipelines import inputs, layered, pipeline_for
+    from engine.pipelines.budget import plan_layers
+    from engine.pipelines.spec import condition_size
     from engine.pipelines.text import encode_text
     from loaders import write_png
     from loaders.ora import write_ora
@@ -281,24 +283,39 @@ def cmd_layers(args):
     image, note = layered.read_rgba(args.image)
     if note:
         print(f"note: {note}", file=sys.stderr)
+    loras = inputs.read_loras(args.lora, args.model)
+    inputs.check_transformer(args.transformer, args.model)
+    captioning = args.prompt is None or not args.prompt.strip()
+    use_negative = args.negative_prompt is not None and args.cfg > 1
+    w, h = condition_size(*image.size, args.resolution ** 2)
+    # sized with the longest prompt the caption can give when there is none yet (its 512-token limit)
+    sizing = [args.prompt if not captioning else "x " * layered.CAPTION_MAX_TOKENS] + \
+        ([args.negative_prompt] if use_negative else [])
+    plan = plan_layers(args.model, w, h, args, sizing)
+    if plan is not None:
+        print(plan.summary(), file=sys.stderr)
+        if captioning and (plan.te_resident < plan.te_layers or plan.vision_resident < plan.vision_blocks):
+            raise _input_error("the automatic caption decodes token by token with the whole text encoder on the GPU, "
+                               "which this --vram budget cannot hold; give --prompt, or a larger --vram")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise _input_error(f"cannot make --out-dir {out_dir}: {e.strerror}") from None
     t0 = time.perf_counter()
-    if args.prompt is None or not args.prompt.strip():      # as the reference: caption the image first
+    if captioning:      # as the reference: caption the image first
         args.prompt, ids = layered.caption_image(args.model, image, args.use_en_prompt, opts, args.device,
                                                  _dtype(args))
         if not args.prompt:
             raise _input_error("the automatic caption came out empty; give --prompt")
         print(f"caption ({len(ids)} tokens, {time.perf_counter() - t0:.2f}s): {args.prompt}", file=sys.stderr)
         t0 = time.perf_counter()
-    use_negative = args.negative_prompt is not None and args.cfg > 1
     prompts = [args.prompt] + ([args.negative_prompt] if use_negative else [])
-    rows = encode_text(args.model, [], prompts, device=args.device, dtype=_dtype(args))
+    rows = encode_text(args.model, [], prompts, device=args.device, dtype=_dtype(args), plan=plan)
     print(f"encoded {len(prompts)} prompt(s): {[r[0].shape[1] for r in rows]} tokens "
           f"({time.perf_counter() - t0:.2f}s)", file=sys.stderr)
-    models = layered.load_layered(args.model, args.device, _dtype(args))
+    models = layered.load_layered(args.model, args.device, _dtype(args), plan, loras, args.transformer, args.weights)
+    for line in models.source.get("notes", []):
+        print(f"note: {line}", file=sys.stderr)
     neg = rows[1] if use_negative else (None, None)
     bar = tqdm(total=args.steps, desc="denoise", unit="step", file=sys.stderr)
     try:
@@ -308,7 +325,9 @@ def cmd_layers(args):
     record = {"prompt": args.prompt, "negative_prompt": args.negative_prompt if use_negative else None,
               "image": Path(args.image).name, "seed": args.seed, "steps": args.steps,
               "cfg": args.cfg if use_negative else 1.0, "cfg_normalize": args.cfg_normalize, "layers": args.layers,
-              "resolution": args.resolution, "model": Path(args.model).name, "pipeline": layered.CLASS_NAME}
+              "resolution": args.resolution, "model": Path(args.model).name, "pipeline": layered.CLASS_NAME,
+              "transformer": args.transformer and Path(args.transformer).name, "weights": args.weights,
+              "loras": [(str(getattr(p, "path", p)), float(sc)) for p, sc in loras]}
     for i, (im, o) in enumerate(zip(images, outs)):
         write_png(im, o, force=True, text={"qwen_image_edit": json.dumps({**record, "layer": i}, ensure_ascii=False)})
     write_ora(outs[-1], images)
@@ -432,6 +451,14 @@ def build_parser():
     y.add_argument("--cfg", type=float, default=4.0, help="true CFG scale; 1: off")
     y.add_argument("--cfg-normalize", action="store_true", help="rescale the CFG result to the prompt's norm")
     y.add_argument("--seed", type=int, default=0)
+    y.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="fuse a LoRA into the transformer on load (repeatable)")
+    y.add_argument("--transformer", metavar="FILE.safetensors", help="the transformer from one file (bf16 or fp8)")
+    y.add_argument("--weights", choices=["bf16", "fp8"], default=None,
+                   help="block Linears in fp8 (quantized on load) or bf16 (default: what the checkpoint holds)")
+    y.add_argument("--vram", help="VRAM budget, e.g. 16GiB: plan which blocks stay resident and stream the rest")
+    y.add_argument("--offload", choices=["auto", "none", "stream"],
+                   help="with --vram: auto (as many resident blocks as fit), stream (the least VRAM), none")
     y.add_argument("--device", default="cuda" if _cuda() else "cpu", choices=["cpu", "cuda"])
     y.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: bfloat16 on cuda, float32 on cpu")

@@ -65,14 +65,20 @@ def random_state(module, seed, device="cuda", dest="cpu", pin=False):
     return state
 
 
-def diffusers_transformer(num_layers=60, seed=0, dest="cuda", pin=False, zero_cond_t=False):
+def diffusers_transformer(num_layers=60, seed=0, dest="cuda", pin=False, zero_cond_t=False, state=None, **config):
     """diffusers' QwenImageTransformer2DModel in the real config with random_state weights, built on the
-    meta device and filled directly (no 81 GB float32 detour); its RoPE tables stay on the CPU."""
+    meta device and filled directly (no 81 GB float32 detour); its RoPE tables stay on the CPU. config: more
+    constructor arguments (use_layer3d_rope, use_additional_t_cond). state: these tensors instead of random
+    ones (shared, not copied; keys the model lacks are left out)."""
     from diffusers import QwenImageTransformer2DModel
-    from diffusers.models.transformers.transformer_qwenimage import QwenEmbedRope
+    from diffusers.models.transformers.transformer_qwenimage import QwenEmbedLayer3DRope, QwenEmbedRope
     with torch.device("meta"):
         ref = QwenImageTransformer2DModel(num_layers=num_layers, attention_head_dim=128, num_attention_heads=24,
-                                          zero_cond_t=zero_cond_t)
-    ref.pos_embed = QwenEmbedRope(theta=10000, axes_dim=[16, 56, 56], scale_rope=True)
-    ref.load_state_dict(random_state(ref, seed, dest=dest, pin=pin), strict=False, assign=True)
+                                          zero_cond_t=zero_cond_t, **config)
+    rope = QwenEmbedLayer3DRope if config.get("use_layer3d_rope") else QwenEmbedRope
+    ref.pos_embed = rope(theta=10000, axes_dim=[16, 56, 56], scale_rope=True)
+    own = dict(ref.named_parameters())
+    state = random_state(ref, seed, dest=dest, pin=pin) if state is None else {k: v for k, v in state.items()
+                                                                             if k in own}
+    ref.load_state_dict(state, strict=False, assign=True)
     return ref.eval()

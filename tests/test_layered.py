@@ -242,3 +242,71 @@ def test_rgba_vae_matches_diffusers(snapshot):
     e2 = ((dec - dec_want).abs().max() / dec_want.abs().max()).item()
     print(f"RGBA VAE: encode {e1:.1e}, decode {e2:.1e} relative")
     assert e1 < 1e-5 and e2 < 1e-4 and dec_want[:, 3].std() > 0.05
+
+
+def test_streamed_tiled_and_split_equals_resident(snapshot):
+    """Under a VRAM plan (every block streamed, the VAE tiled, CFG as two B=1 forwards or one row per block)
+    the layers equal the resident run: streaming and tiling are exact, the CFG split only changes GEMM batch
+    sizes (float32 rounding)."""
+    import dataclasses
+
+    from engine.vram.planner import Plan
+    image = rgba_image(120, 70, seed=4)
+    rows = encode_text(snapshot, [], [PROMPT, " "])
+    opts = lambda: LayeredOptions(layers=2, steps=2, cfg=4.0, seed=3, area=SMALL_AREA)
+    want = [np.asarray(im).astype(int) for im in layered(load_layered(snapshot), image, *rows[0], *rows[1], opts())]
+    base = Plan(budget=0, mode="stream", mmdit_resident=0, mmdit_blocks=2, te_resident=0, te_layers=0,
+                vision_resident=0, vision_blocks=0, encode_tile=3, decode_tile=2, peaks={}, host_pinned={},
+                streamed_per_step=0)
+    for split in ("forwards", "rows"):
+        models = load_layered(snapshot, plan=dataclasses.replace(base, cfg_split=split))
+        assert models.stream is not None and models.plan.decode_tile == 2
+        got = layered(models, image, *rows[0], *rows[1], opts())
+        models.stream.remove()
+        diffs = [int(np.abs(np.asarray(g).astype(int) - w).max()) for g, w in zip(got, want)]
+        assert max(diffs) <= 1, (split, diffs)
+
+
+def test_lora_and_fp8_reach_the_layers(snapshot, tmp_path, capsys):
+    """`layers --lora` fuses into the Layered transformer (the layers move, the PNG text names the file);
+    `--weights fp8` quantizes its block Linears (a dequantized run on the CPU, within fp8 error)."""
+    from tests.test_lora import layout, linear_shapes, random_lora, write
+    src = tmp_path / "in.png"
+    rgba_image(64, 48, seed=8).save(src)
+    model = ours_from(make_transformer(seed=9, joint_attention_dim=16, use_additional_t_cond=True,
+                                       use_layer3d_rope=True))
+    shapes = {n: s for n, s in linear_shapes(model.transformer_blocks).items()}
+    lora = write(tmp_path / "l.safetensors",
+                 layout("transformer", {f"transformer_blocks.{n}": v for n, v in random_lora(shapes, 2).items()}))
+    run = lambda out, *extra: cli.main(["layers", "--model", str(snapshot), "--image", str(src), "--prompt", PROMPT,
+                                        "--layers", "2", "--steps", "2", "--device", "cpu", "--out-dir",
+                                        str(tmp_path / out), *extra])
+    assert run("plain") == 0 and run("lora", "--lora", f"{lora}:0.7") == 0 and run("fp8", "--weights", "fp8") == 0
+    err = capsys.readouterr().err
+    assert "block Linears quantized to float8_e4m3fn" in err
+    read = lambda out: np.asarray(Image.open(tmp_path / out / "layer_1.png")).astype(int)
+    assert np.abs(read("lora") - read("plain")).max() > 20
+    assert 0 < np.abs(read("fp8") - read("plain")).max() <= 40
+    meta = json.loads(Image.open(tmp_path / "lora" / "layer_0.png").text["qwen_image_edit"])
+    assert meta["loras"] == [[str(lora), 0.7]]
+
+
+def test_planner_sizes_the_layered_job():
+    """The split's MMDiT sequence is (layers + 1) noisy frames plus the condition frame; on the full-size
+    configs a 4-layer 1024 split streams under 16 GiB and a too-small budget names a layer count."""
+    import dataclasses
+
+    from engine.config import MMDiTConfig, VAEConfig
+    from engine.models.text_encoder import TextConfig
+    from engine.models.vision import VisionConfig
+    from engine.vram.memory import GiB, Job, model_sizes_from_configs
+    from engine.vram.planner import plan, smallest_budget
+    sizes = model_sizes_from_configs(MMDiTConfig(use_additional_t_cond=True, use_layer3d_rope=True),
+                                     (TextConfig(), VisionConfig()), VAEConfig(input_channels=4), 2)
+    jobs = {r: Job(r, r, r, r, batch=2, text_len=200, vl_tokens=0, frames=5) for r in (640, 1024)}
+    assert jobs[1024].tokens == 6 * 64 * 64 and jobs[640].tokens == 6 * 40 * 40
+    p = plan(16 * GiB, jobs[1024], sizes)
+    assert 0 < p.mmdit_resident < p.mmdit_blocks and max(p.peaks.values()) < 16 * GiB
+    assert smallest_budget(jobs[640], sizes, "stream") < smallest_budget(jobs[1024], sizes, "stream")
+    more = dataclasses.replace(jobs[1024], frames=11)
+    assert smallest_budget(more, sizes, "stream") > smallest_budget(jobs[1024], sizes, "stream")

@@ -135,14 +135,16 @@ def available_host_bytes():
 
 
 def check_fits(model_dir, images, width, height, cfg_batch, text_encoder, dtype, device, available, steps=50,
-               text_len=None, vl_tokens=None, planned=False, fp8=False):
+               text_len=None, vl_tokens=None, planned=False, fp8=False, built=None):
     """Refuse, before any work, an edit that cannot fit `available` bytes (host RAM on the CPU; VRAM on CUDA:
     with everything resident, or under a plan at its smallest budget): one line naming what it needs and the
-    largest output size, at the same aspect ratio, that fits. Returns the bytes it needs."""
+    largest output size, at the same aspect ratio, that fits. Returns the bytes it needs. built: a (Job,
+    ModelSizes) made by the caller (a Layered split), instead of edit_job's."""
     import dataclasses
     from engine.vram.planner import gib_up, smallest_budget
-    job, sizes = edit_job(model_dir, images, width, height, cfg_batch, text_encoder, dtype, steps=steps,
-                          text_len=text_len, vl_tokens=vl_tokens, fp8=fp8)
+    job, sizes = built or edit_job(model_dir, images, width, height, cfg_batch, text_encoder, dtype, steps=steps,
+                                   text_len=text_len, vl_tokens=vl_tokens, fp8=fp8)
+    what = f"{job.width}x{job.height} {'edit' if job.frames == 1 else f'{job.frames - 1}-layer split'}"
     if device == "cpu":
         need_of, where = (lambda j: _host_need(j, sizes)), "host RAM"
     else:
@@ -152,13 +154,18 @@ def check_fits(model_dir, images, width, height, cfg_batch, text_encoder, dtype,
         if needed <= available:
             return needed
         if need_of(job) <= available:     # it fits by streaming: say so before any work, not after an OOM
-            raise LoadError(f"a {job.width}x{job.height} edit needs {gib_up(needed)} of GPU memory with everything "
+            raise LoadError(f"a {what} needs {gib_up(needed)} of GPU memory with everything "
                             f"resident and {gib_up(available)} is free; give --vram {gib_up(available).replace(' ', '')}"
                             f" (weights then stream from host RAM; the least this edit runs in is "
                             f"{gib_up(need_of(job))})")
     needed = need_of(job)
     if available is None or needed <= available:
         return needed
+    if job.frames > 1:       # a Layered split works at its resolution bucket: fewer layers is the lever
+        fewer = [n for n in range(job.frames - 2, 1, -1)
+                 if need_of(dataclasses.replace(job, frames=n + 1)) <= available]
+        advice = f"--layers {fewer[0]} fits" if fewer else "no layer count fits at this resolution"
+        raise LoadError(f"a {what} needs {gib_up(needed)} of {where}, {gib_up(available)} is available; {advice}")
     lo, hi, step = 0.0, 1.0, 16          # the largest scale of (width, height) that fits, on the 16 px grid
     sized = lambda f: (max(step, int(job.width * f) // step * step), max(step, int(job.height * f) // step * step))
     for _ in range(30):
@@ -168,7 +175,7 @@ def check_fits(model_dir, images, width, height, cfg_batch, text_encoder, dtype,
     w, h = sized(lo)
     fits = need_of(dataclasses.replace(job, width=w, height=h)) <= available
     advice = f"the largest output that fits is --width {w} --height {h}" if fits else "even the smallest output does not fit"
-    raise LoadError(f"a {job.width}x{job.height} edit needs {gib_up(needed)} of {where}, "
+    raise LoadError(f"a {what} needs {gib_up(needed)} of {where}, "
                     f"{gib_up(available)} is available; {advice}")
 
 
@@ -232,3 +239,35 @@ def plan_job(model_dir, images, opts, text_encoder, cfg_batch, tensors=None):
     return make_plan(model_dir, images, opts.width, opts.height, cfg_batch, text_encoder, resolve_budget(opts.vram),
                      opts.offload or "auto", _dtype_of(opts), steps=opts.steps, text_len=text_len,
                      vl_tokens=vl_tokens, fp8=fp8_blocks(opts))
+
+
+def layered_job(model_dir, width, height, layers, cfg_batch, dtype, steps=50, text_len=None, fp8=False):
+    """(Job, ModelSizes) of a Qwen-Image-Layered split worked at width x height: layers + 1 noisy frames and the
+    condition frame in the MMDiT, a text-only prompt (no VL image tokens), one layer decoded at a time."""
+    from engine.config import MMDiTConfig, VAEConfig
+    from engine.models.text_encoder import read_config
+    from engine.vram.memory import Job, model_sizes_from_configs
+    snap = Snapshot(model_dir)
+    sizes = model_sizes_from_configs(MMDiTConfig.from_dict(snap.config("transformer")),
+                                     read_config(snap.config("text_encoder")), VAEConfig.from_dict(snap.config("vae")),
+                                     torch_dtype(dtype).itemsize, fp8=fp8)
+    job = Job(width, height, width, height, batch=cfg_batch, steps=steps, text_encoder=True,
+              text_len=text_len or pipeline_for(snap).max_text_tokens, vl_tokens=0, frames=layers + 1)
+    return job, sizes
+
+
+def plan_layers(model_dir, width, height, opts, prompts):
+    """check_job_fits and plan_job for a Layered split (opts: the `layers` options, as argparse makes them):
+    refused before any work when it cannot fit; the VRAM plan under --vram/--offload, else None."""
+    planned = _planned(opts)
+    text_len = min(prompt_lengths(model_dir, [], prompts)[0], pipeline_for(model_dir).max_text_tokens or 10 ** 9)
+    dtype = _dtype_of(opts)
+    built = layered_job(model_dir, width, height, opts.layers, len(prompts), dtype, opts.steps, text_len,
+                        fp8_blocks(opts))
+    available = available_host_bytes() if opts.device == "cpu" else resolve_budget(opts.vram if planned else None)
+    check_fits(model_dir, [], width, height, len(prompts), True, dtype, opts.device, available, planned=planned,
+               built=built)
+    if not planned:
+        return None
+    from engine.vram.planner import plan
+    return plan(resolve_budget(opts.vram), *built, opts.offload or "auto")

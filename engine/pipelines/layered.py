@@ -80,26 +80,22 @@ def rgba_input(img):
     return img, note
 
 
-def load_layered(model_dir, device="cpu", dtype="float32"):
-    """Transformer (layer3d rope, additional_t_cond), 4-channel VAE and scheduler of a Layered snapshot."""
-    from engine.config import SchedulerConfig
-    from engine.models.mmdit import load_mmdit
-    from engine.models.vae import load_vae
+def load_layered(model_dir, device="cpu", dtype="float32", plan=None, loras=(), transformer_file=None, weights=None):
+    """Transformer (layer3d rope, additional_t_cond), 4-channel VAE and scheduler of a Layered snapshot, with
+    the edit's loading options (engine.pipelines.load.load_models: a VRAM plan, LoRAs, a single-file
+    transformer, fp8 weights). The configs are checked before any weight is read."""
+    from engine.config import MMDiTConfig, VAEConfig
     from engine.pipelines import pipeline_for
-    from engine.pipelines.load import place_models
-    start = time.perf_counter()
+    from engine.pipelines.load import load_models
     snap = Snapshot(model_dir)
     if pipeline_for(snap) is not SPEC:
         raise LoadError(f"{model_dir}: `layers` needs a Qwen-Image-Layered snapshot ({CLASS_NAME})")
     snap.require("transformer", "vae", "scheduler")
-    dt = torch_dtype(dtype)
-    transformer, vae = load_mmdit(snap, dt, "cpu"), load_vae(snap, dt, "cpu")
-    if vae.cfg.input_channels != 4 or not transformer.cfg.use_additional_t_cond:
+    if (VAEConfig.from_dict(snap.config("vae")).input_channels != 4
+            or not MMDiTConfig.from_dict(snap.config("transformer")).use_additional_t_cond):
         raise LoadError(f"{model_dir}: not a Layered snapshot (needs an RGBA VAE and use_additional_t_cond)")
-    models = place_models(transformer, vae, SchedulerConfig.from_dict(snap.config("scheduler")), device, dt)
+    models = load_models(snap.root, device, dtype, plan, loras, transformer_file, weights, layered=True)
     models.spec = SPEC
-    models.source = {"model": snap.root.name, "notes": []}
-    models.timings["load"] = time.perf_counter() - start
     return models
 
 
@@ -146,10 +142,16 @@ def denoise_layers(models, latents, cond, txt, txt_len, img_shapes, sigmas, time
                            transformer_blocks=mm.transformer_blocks)
     mods = modulation_table_streamed(view, t_model, dev)
     sigmas, n = sigmas.to(dev), latents.shape[1]
+    split = models.plan.cfg_split if models.plan is not None else "batched"   # as common.denoise
     for i in range(len(timesteps)):
         x = torch.cat([latents, cond], dim=1).expand(B, -1, -1)
-        v = mm(x, txt, txt_len, t_model[i].expand(B), img_shapes, rope=rope, mods=mods[i],
-               additional_t_cond=rgb.expand(B))[:, :n]
+        t = t_model[i].expand(B)
+        if split == "forwards":
+            v = torch.cat([mm(x[j:j + 1], txt[j:j + 1], txt_len[j:j + 1], t[j:j + 1], img_shapes, rope=rope,
+                              mods=mods[i], additional_t_cond=rgb) for j in range(B)])[:, :n]
+        else:
+            v = mm(x, txt, txt_len, t, img_shapes, rope=rope, mods=mods[i], additional_t_cond=rgb.expand(B),
+                   rows_per_block=1 if split == "rows" else None)[:, :n]
         if B > 1:
             pos, neg = v[:1], v[1:]
             v = neg + cfg * (pos - neg)
@@ -177,7 +179,9 @@ def layered(models, image, prompt_embeds, prompt_mask=None, negative_embeds=None
     _mark(models, "before", None)
     t0 = time.perf_counter()
     with torch.inference_mode():
-        z = vae.encode(image_to_tensor(image, w, h).to(dev, dt))          # [1, 4, H, W] in -> [1, z, h, w]
+        plan = models.plan
+        z = vae.encode(image_to_tensor(image, w, h).to(dev, dt),        # [1, 4, H, W] in -> [1, z, h, w]
+                       tile=plan.encode_tile if plan else None)
         cond = pack(vae.normalize(z))                                     # [1, Nc, 64]
         _mark(models, "vae_encode", t0)
         txt, txt_len = text_batch(models, prompt_embeds, prompt_mask, negative_embeds, negative_mask, opts.cfg)
@@ -195,6 +199,7 @@ def layered(models, image, prompt_embeds, prompt_mask=None, negative_embeds=None
         _mark(models, "denoise", t1)
         t2 = time.perf_counter()
         z = vae.denormalize(unpack(latents.reshape(frames, -1, latents.shape[-1]), lh, lw))[1:]
-        out = [tensor_to_image(vae.decode(z[i:i + 1])) for i in range(opts.layers)]   # one layer at a time
+        tile = plan.decode_tile if plan else None
+        out = [tensor_to_image(vae.decode(z[i:i + 1], tile=tile)) for i in range(opts.layers)]  # one layer at a time
         _mark(models, "vae_decode", t2)
     return out

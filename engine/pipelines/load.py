@@ -43,7 +43,8 @@ class EditModels:
         return line
 
 
-def load_models(model_dir, device="cpu", dtype="float32", plan=None, loras=(), transformer_file=None, weights=None):
+def load_models(model_dir, device="cpu", dtype="float32", plan=None, loras=(), transformer_file=None, weights=None,
+                layered=False):
     """Transformer, VAE and scheduler config of the snapshot's pipeline. transformer_file: the MMDiT from
     one .safetensors file instead of transformer/*.safetensors (configured by transformer/config.json).
     weights: None keeps what the checkpoint holds (an fp8 file's block Linears stay fp8); "fp8" quantizes the
@@ -61,7 +62,7 @@ def load_models(model_dir, device="cpu", dtype="float32", plan=None, loras=(), t
     if weights not in (None, "bf16", "fp8"):
         raise LoadError(f"unknown weights {weights!r}; use bf16 or fp8")
     transformer = load_mmdit(snap, dt, "cpu", file=transformer_file, weights=weights)
-    if transformer.cfg.use_additional_t_cond:
+    if transformer.cfg.use_additional_t_cond and not layered:     # layered: engine.pipelines.layered's loader
         raise LoadError(f"{model_dir}: use_additional_t_cond models (Qwen-Image-Layered) are not edit models")
     if loras:
         from engine.transforms.lora import fuse_loras

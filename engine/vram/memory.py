@@ -127,6 +127,7 @@ class Job:
     steps: int = 50
     text_encoder: bool = True   # False: prompt embeddings come from a file
     cond_tokens: int = None
+    frames: int = 1             # noisy frames of the output size (Qwen-Image-Layered: layers + 1)
 
     def __post_init__(self):
         if self.cond_tokens is None:
@@ -139,10 +140,11 @@ class Job:
 
     @property
     def tokens(self):           # image tokens of the MMDiT: noisy + condition, 16 px per token
-        return (self.width // 16) * (self.height // 16) + self.cond_tokens
+        return self.frames * (self.width // 16) * (self.height // 16) + self.cond_tokens
 
     def describe(self):
-        return f"{self.width}x{self.height} edit" + (" with CFG" if self.batch > 1 else "")
+        what = f"{self.frames - 1}-layer split" if self.frames > 1 else "edit"
+        return f"{self.width}x{self.height} {what}" + (" with CFG" if self.batch > 1 else "")
 
 
 def _resident_weights(n, r, block):
