@@ -252,6 +252,11 @@ def main():
         from engine.vram.offload import move_except, stream_blocks
         from engine.vram.planner import plan
         sizes = layered_sizes()
+        # back to the host first: as in the CLI, the resident blocks then come to a fresh GPU (evicting blocks
+        # from a full one leaves the allocator's segments fragmented, which a budget counts)
+        ours.to("cpu")
+        gc.collect()
+        torch.cuda.empty_cache()
         for res in (640, 1024):
             for gib in BUDGETS:
                 key, row, handle = f"{res}@{gib}GiB", {"resolution": res, "budget_gib": gib}, None

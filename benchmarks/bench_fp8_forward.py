@@ -1,0 +1,221 @@
+"""The full-size MMDiT forward with fp8 weights (issue 11's table), every variant in one process on the same
+random weights:
+    diffusers bf16 eager, ours bf16, ours fp8 (block Linears e4m3 with per-channel scales, fp8 GEMMs fed by our
+    fused quantizing kernels), ours fp8 with the fp8 attention kernel, diffusers bf16
+    compile_repeated_blocks(fullgraph=True), diffusers + torchao Float8DynamicActivationFloat8WeightConfig(PerRow)
+    compiled (the weights quantized in place last: it rewrites diffusers' Linears).
+Cases: 1024² B=1 and B=2 (CFG rows of 360 and 300 text tokens) and 4K B=1 (benchmarks.bench_e2e's shapes); the
+compiled variants at 1024² only (a compile per shape costs minutes). Also: rel L2 of ours-fp8 vs ours-bf16 and
+torchao-fp8 vs diffusers-bf16 (same inputs, same weights), the fp8 model's resident VRAM at 1024² B=2, and where
+ours-fp8's forward time goes (kernel categories) for the RTX 4090 projection in benchmarks/report_fp8.py.
+Run on the device machine (torchao carried as a wheel):
+    python -m benchmarks.bench_fp8_forward --out fp8.json [--cases 1024_b1,1024_b2,4k_b1] [--compiled 1024_b1,1024_b2]
+"""
+import argparse
+import gc
+import os
+import time
+import traceback
+
+import torch
+
+from benchmarks.bench_e2e import CASES, FULL, build_reference, flops, inputs, kernel_breakdown
+from benchmarks.common import ceilings, env_info, time_ms, write_json
+from engine.models.mmdit import MMDiT, modulation_table
+from loaders import assign
+
+
+def rel_l2(a, b):
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def fp8_ceiling(n=8192):
+    """fp8 e4m3 rowwise torch._scaled_mm TFLOP/s at n³, measured now."""
+    a = torch.randn(n, n, device="cuda").to(torch.float8_e4m3fn)
+    b = torch.randn(n, n, device="cuda").to(torch.float8_e4m3fn)
+    sa, sb = torch.ones(n, 1, device="cuda"), torch.ones(1, n, device="cuda")
+    fn = lambda: torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
+    return 2 * n ** 3 / time_ms(fn, warmup=3, reps=20) / 1e9
+
+
+def ours_models(ref):
+    """(ours bf16, ours fp8): both built on the meta device and given ref's tensors (no copy); the fp8 one then
+    has its block Linears quantized on the GPU (new fp8 tensors: 13.6 GB), its other weights still shared."""
+    from engine.transforms.fp8 import quantize_fp8
+    with torch.device("meta"):
+        bf16, fp8 = MMDiT(FULL), MMDiT(FULL)
+    state = dict(ref.state_dict())
+    bf16 = assign(bf16, dict(state), "transformer").eval()
+    fp8 = assign(fp8, dict(state), "transformer").eval()
+    t0 = time.perf_counter()
+    n = quantize_fp8(fp8, compute_device="cuda")
+    torch.cuda.synchronize()
+    return bf16, fp8, {"layers": n, "quantize_s": time.perf_counter() - t0}
+
+
+def case_fns(case, ref, bf16, fp8):
+    x, txt, mask, t, shapes, lens = inputs(case)
+    B = x.shape[0]
+    dmask = None if bool(mask.all()) else mask           # the pipeline drops an all-ones mask
+    ref_fn = lambda: ref(hidden_states=x, encoder_hidden_states=txt, encoder_hidden_states_mask=dmask,
+                         timestep=t, img_shapes=[shapes] * B, return_dict=False)[0]
+    rope = bf16.rope(shapes, txt.shape[1], "cuda")
+    mods = modulation_table(bf16, t[:1])[0]              # the same table serves both: modulation stays bf16
+    ours = lambda m: (lambda: m(x, txt, lens, t, shapes, rope=rope, mods=mods))
+    return ref_fn, ours(bf16), ours(fp8)
+
+
+def time_row(fn, case, warmup=1):
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    ms = time_ms(fn, warmup=warmup, reps=3 if case.startswith("4k") else 7)
+    return {"ms": ms, "tflops": flops(case) / ms / 1e9,
+            "activation_peak_gib": (torch.cuda.max_memory_allocated() - base) / 2**30}
+
+
+def with_env(name, value, fn):
+    """fn() with environment variable `name` set to `value` (None: unset), restored after."""
+    old = os.environ.get(name)
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+    try:
+        return fn()
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--cases", default="1024_b1,1024_b2,4k_b1")
+    ap.add_argument("--compiled", default="1024_b1,1024_b2")
+    ap.add_argument("--no-torchao", action="store_true")
+    args = ap.parse_args()
+    cases = args.cases.split(",")
+    payload = {"env": env_info(), "ceilings": {**ceilings(), "fp8_rowwise_tflops": fp8_ceiling()}, "cases": {}}
+    ref = build_reference()
+    bf16, fp8, payload["quantize"] = ours_models(ref)
+    from engine.transforms.fp8 import fp8_summary
+    n, fp8_bytes, wide = fp8_summary(fp8)
+    payload["fp8_layers"] = {"count": n, "gib": fp8_bytes / 2**30, "bf16_gib": wide / 2**30}
+    outputs = {}
+    for case in cases:
+        rows = payload["cases"].setdefault(case, {})
+        try:
+            ref_fn, bf16_fn, fp8_fn = case_fns(case, ref, bf16, fp8)
+            with torch.inference_mode():
+                rows["diffusers"] = time_row(ref_fn, case)
+                rows["ours_bf16"] = time_row(bf16_fn, case)
+                rows["ours_fp8"] = time_row(fp8_fn, case)
+                rows["ours_fp8_attention_fp8"] = with_env("QIE_ATTN_FP8", "1", lambda: time_row(fp8_fn, case))
+                want, got_bf16, got_fp8 = ref_fn().float(), bf16_fn().float(), fp8_fn().float()
+                got_fp8_attn = with_env("QIE_ATTN_FP8", "1", lambda: fp8_fn().float())
+                rows["rel_l2"] = {"ours_bf16_vs_diffusers": rel_l2(got_bf16, want),
+                                  "ours_fp8_vs_ours_bf16": rel_l2(got_fp8, got_bf16),
+                                  "ours_fp8_attn_fp8_vs_ours_bf16": rel_l2(got_fp8_attn, got_bf16)}
+                outputs[case] = want.cpu()
+                if case == "1024_b1":
+                    payload["profile_ours_fp8"] = kernel_breakdown(fp8_fn)
+                    payload["profile_ours_bf16"] = kernel_breakdown(bf16_fn)
+            for k in ("ours_bf16", "ours_fp8", "ours_fp8_attention_fp8"):
+                rows[k]["vs_diffusers"] = rows[k]["ms"] / rows["diffusers"]["ms"]
+        except Exception as e:
+            traceback.print_exc()
+            rows["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        write_json(args.out, payload)
+        print(case, rows, flush=True)
+
+    # the fp8 model alone on the GPU: what a resident 1024² fp8 edit holds (modulation Linears on the host)
+    try:
+        _, _, fp8_fn = case_fns("1024_b2", ref, fp8, fp8)     # its modulation table made while img_mod is here
+        del bf16
+        ref.to("cpu")
+        for blk in fp8.transformer_blocks:
+            blk.img_mod.to("cpu")
+            blk.txt_mod.to("cpu")
+        gc.collect()
+        torch.cuda.empty_cache()
+        weights = torch.cuda.memory_allocated()
+        with torch.inference_mode():
+            torch.cuda.reset_peak_memory_stats()
+            fp8_fn()
+            torch.cuda.synchronize()
+        payload["fp8_resident_1024_b2"] = {"weights_gib": weights / 2**30,
+                                           "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+        fp8.to("cpu")
+        gc.collect()
+        torch.cuda.empty_cache()
+        ref.to("cuda")
+    except Exception as e:
+        traceback.print_exc()
+        payload["fp8_resident_1024_b2"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    write_json(args.out, payload)
+    print("fp8 resident", payload["fp8_resident_1024_b2"], flush=True)
+
+    compiled = [c for c in args.compiled.split(",") if c in cases and "error" not in payload["cases"][c]]
+    if compiled:
+        try:
+            ref.compile_repeated_blocks(fullgraph=True)
+            for case in compiled:
+                x, txt, mask, t, shapes, lens = inputs(case)
+                dmask = None if bool(mask.all()) else mask
+                fn = lambda: ref(hidden_states=x, encoder_hidden_states=txt, encoder_hidden_states_mask=dmask,
+                                 timestep=t, img_shapes=[shapes] * x.shape[0], return_dict=False)[0]
+                with torch.inference_mode():
+                    t0 = time.perf_counter()
+                    fn()
+                    torch.cuda.synchronize()
+                    compile_s = time.perf_counter() - t0
+                    payload["cases"][case]["diffusers_compiled"] = {**time_row(fn, case, warmup=2),
+                                                                    "first_call_s": compile_s}
+                write_json(args.out, payload)
+                print(case, "compiled", payload["cases"][case]["diffusers_compiled"], flush=True)
+        except Exception as e:
+            traceback.print_exc()
+            payload["compiled_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    if compiled and not args.no_torchao:
+        try:
+            import torchao
+            from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+            payload["torchao"] = torchao.__version__
+            quantize_(ref.transformer_blocks, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+            for case in compiled:
+                x, txt, mask, t, shapes, lens = inputs(case)
+                dmask = None if bool(mask.all()) else mask
+                fn = lambda: ref(hidden_states=x, encoder_hidden_states=txt, encoder_hidden_states_mask=dmask,
+                                 timestep=t, img_shapes=[shapes] * x.shape[0], return_dict=False)[0]
+                with torch.inference_mode():
+                    row = time_row(fn, case, warmup=2)
+                    row["rel_l2_vs_diffusers_bf16"] = rel_l2(fn().float().cpu(), outputs[case])
+                payload["cases"][case]["torchao_fp8_compiled"] = row
+                write_json(args.out, payload)
+                print(case, "torchao", row, flush=True)
+        except Exception as e:
+            traceback.print_exc()
+            payload["torchao_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    write_json(args.out, payload)
+
+    c = payload["ceilings"]
+    print(f"\n{payload['env']['gpu']}  bf16 {c['matmul_tflops']:.0f}  fp8 {c['fp8_rowwise_tflops']:.0f} TFLOP/s")
+    for case, rows in payload["cases"].items():
+        if "diffusers" not in rows:
+            print(case, rows.get("error"))
+            continue
+        base = rows["diffusers"]["ms"]
+        for name, r in rows.items():
+            if isinstance(r, dict) and "ms" in r:
+                print(f"{case:8s} {name:24s} {r['ms']:8.1f} ms  x{r['ms'] / base:.3f}  {r['tflops']:5.0f} TFLOP/s")
+        print(f"{case:8s} rel L2 {rows.get('rel_l2')}  torchao vs bf16 "
+              f"{rows.get('torchao_fp8_compiled', {}).get('rel_l2_vs_diffusers_bf16')}")
+    print("fp8 resident 1024² B=2:", payload.get("fp8_resident_1024_b2"))
+
+
+if __name__ == "__main__":
+    main()
