@@ -7,7 +7,7 @@ random weights:
 Cases: 1024² B=1 and B=2 (CFG rows of 360 and 300 text tokens) and 4K B=1 (benchmarks.bench_e2e's shapes); the
 compiled variants at 1024² only (a compile per shape costs minutes). Also: rel L2 of ours-fp8 vs ours-bf16 and
 torchao-fp8 vs diffusers-bf16 (same inputs, same weights), the fp8 model's resident VRAM at 1024² B=2, and where
-ours-fp8's forward time goes (kernel categories) for the RTX 4090 projection in benchmarks/report_fp8.py.
+ours-fp8's forward time goes (kernel categories), the input of an RTX 4090 projection. Not run yet.
 Run on the device machine (torchao carried as a wheel):
     python -m benchmarks.bench_fp8_forward --out fp8.json [--cases 1024_b1,1024_b2,4k_b1] [--compiled 1024_b1,1024_b2]
 """
@@ -19,7 +19,7 @@ import traceback
 
 import torch
 
-from benchmarks.bench_e2e import CASES, FULL, build_reference, flops, inputs, kernel_breakdown
+from benchmarks.bench_e2e import FULL, build_reference, flops, inputs, kernel_breakdown
 from benchmarks.common import ceilings, env_info, time_ms, write_json
 from engine.models.mmdit import MMDiT, modulation_table
 from loaders import assign
@@ -55,11 +55,14 @@ def ours_models(ref):
 
 
 def case_fns(case, ref, bf16, fp8):
+    """Forward closures (diffusers, ours bf16, ours fp8) on the case's inputs; bf16 None: diffusers' only."""
     x, txt, mask, t, shapes, lens = inputs(case)
     B = x.shape[0]
     dmask = None if bool(mask.all()) else mask           # the pipeline drops an all-ones mask
     ref_fn = lambda: ref(hidden_states=x, encoder_hidden_states=txt, encoder_hidden_states_mask=dmask,
                          timestep=t, img_shapes=[shapes] * B, return_dict=False)[0]
+    if bf16 is None:
+        return ref_fn, None, None
     rope = bf16.rope(shapes, txt.shape[1], "cuda")
     mods = modulation_table(bf16, t[:1])[0]              # the same table serves both: modulation stays bf16
     ours = lambda m: (lambda: m(x, txt, lens, t, shapes, rope=rope, mods=mods))
@@ -164,10 +167,7 @@ def main():
         try:
             ref.compile_repeated_blocks(fullgraph=True)
             for case in compiled:
-                x, txt, mask, t, shapes, lens = inputs(case)
-                dmask = None if bool(mask.all()) else mask
-                fn = lambda: ref(hidden_states=x, encoder_hidden_states=txt, encoder_hidden_states_mask=dmask,
-                                 timestep=t, img_shapes=[shapes] * x.shape[0], return_dict=False)[0]
+                fn = case_fns(case, ref, None, None)[0]
                 with torch.inference_mode():
                     t0 = time.perf_counter()
                     fn()
@@ -187,10 +187,7 @@ def main():
             payload["torchao"] = torchao.__version__
             quantize_(ref.transformer_blocks, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
             for case in compiled:
-                x, txt, mask, t, shapes, lens = inputs(case)
-                dmask = None if bool(mask.all()) else mask
-                fn = lambda: ref(hidden_states=x, encoder_hidden_states=txt, encoder_hidden_states_mask=dmask,
-                                 timestep=t, img_shapes=[shapes] * x.shape[0], return_dict=False)[0]
+                fn = case_fns(case, ref, None, None)[0]
                 with torch.inference_mode():
                     row = time_row(fn, case, warmup=2)
                     row["rel_l2_vs_diffusers_bf16"] = rel_l2(fn().float().cpu(), outputs[case])

@@ -4,6 +4,9 @@ Model code calls ops.<name>(...) and never knows which ran. QIE_OPS=torch forces
 baseline path in benchmarks); QIE_OPS=triton (default) uses a kernel wherever one exists for the inputs;
 QIE_OPS=interpret runs the kernels on CPU tensors under the Triton interpreter (the CI's model-level check).
 QIE_ATTENTION=triton keeps attention on our kernel (no timing against cuDNN; see attention()).
+QIE_ATTN_FP8=1 adds our fp8 attention kernel to attention()'s timed choice (off by default: accuracy).
+QIE_FP8_QUANT=torch quantizes the fp8 GEMMs' activations at the Linear in plain torch (the unfused baseline);
+by default (fused) the kernel producing a GEMM input emits it as FP8Rows where takes_fp8_rows() says so.
 """
 import functools
 import json
@@ -14,10 +17,14 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kernels import attention as _attention
+from kernels import attention_fp8 as _attention_fp8
 from kernels import fp8_linear as _fp8_linear
 from loaders import LoadError, atomic_write_bytes
 from kernels import modulation as _modulation
 from kernels import qk_rope as _qk_rope
+from kernels import quant_fp8 as _quant_fp8
+
+FP8Rows = _fp8_linear.FP8Rows   # an activation as e4m3 rows + per-token float32 scales (kernels/fp8_linear.py)
 
 
 def _triton(t, module, name):
@@ -29,20 +36,48 @@ def _triton(t, module, name):
     return getattr(module, name, None)
 
 
-def attention(q, k, v, kv_len=None, causal=False, scale=None, kv_host=None):
+def attention(q, k, v, kv_len=None, causal=False, scale=None, kv_host=None, fp8=None):
     """q [B, Sq, H, D]; k, v [B, Sk, Hk, D]; kv_len int32 [B] valid keys per row (keys past it ignored).
     kv_host: the same lengths as host ints, if the caller has them (reading kv_len would wait for the GPU).
     With them, a non-causal bf16/fp16 call may go to torch's cuDNN attention instead of our kernel, where
-    that measured faster on this GPU for this size (timed once, then remembered: see _fastest)."""
+    that measured faster on this GPU for this size (timed once, then remembered: see _fastest).
+    fp8: also time our fp8 kernel (kernels/attention_fp8.py) in that choice; None reads QIE_ATTN_FP8=1. Off by
+    default: e4m3 keeps 3 mantissa bits, and its error vs float32 is ~15x the bf16 kernels'."""
     fn = _triton(q, _attention, "attention")
     if fn is None or not fn.supports(q, k, v, causal):
         return _attention.attention_ref(q, k, v, kv_len=kv_len, causal=causal, scale=scale)
     ours = lambda: fn(q, k, v, kv_len=kv_len, causal=causal, scale=scale)  # noqa: E731
+    cudnn = fp8_fn = None
     if _cudnn_candidate(q, k, causal, kv_len, kv_host):
         cudnn = lambda: sdpa_rows(q, k, v, kv_host, scale, SDPBackend.CUDNN_ATTENTION)  # noqa: E731
-        if _fastest(_backend_key(q, k, kv_host), ours, cudnn) == "cudnn":
+    if _fp8_candidate(q, k, v, causal, fp8):
+        fp8_fn = lambda: _attention_fp8.attention_fp8(q, k, v, kv_len=kv_len, scale=scale)  # noqa: E731
+    if cudnn is not None or fp8_fn is not None:
+        key = _backend_key(q, k, kv_host) + ("|fp8" if fp8_fn is not None else "")  # bf16 keys stay as they were
+        choice = _fastest(key, ours, cudnn, fp8=fp8_fn)
+        if choice == "cudnn":
             return cudnn()
+        if choice == "fp8":
+            return fp8_fn()
     return ours()
+
+
+def attention_fp8(q, k, v, kv_len=None, scale=None):
+    """softmax(q kᵀ · scale) v with 8-bit Q·Kᵀ and P·V (kernels/attention_fp8.py): q, k, v [B, S, H, D], kv_len
+    int32 [B] or None -> [B, Sq, H, D] in q's dtype. Off the GPU (or below sm89) the same quantized math in torch."""
+    fn = _triton(q, _attention_fp8, "attention_fp8")
+    if fn is None or not fn.supports(q, k, v):
+        return _attention_fp8.attention_fp8_ref(q, k, v, kv_len=kv_len, scale=scale)
+    return fn(q, k, v, kv_len=kv_len, scale=scale)
+
+
+def _fp8_candidate(q, k, v, causal, fp8):
+    if fp8 is None:
+        fp8 = os.environ.get("QIE_ATTN_FP8") == "1"
+    if not fp8 or causal or not q.is_cuda or os.environ.get("QIE_ATTENTION", "auto") != "auto":
+        return False
+    fn = getattr(_attention_fp8, "attention_fp8", None)
+    return fn is not None and fn.supports(q, k, v)
 
 
 def sdpa_rows(q, k, v, kv_host=None, scale=None, backend=SDPBackend.CUDNN_ATTENTION):
@@ -89,17 +124,23 @@ def _backend_key(q, k, kv_host):
 _BACKENDS, _BACKENDS_PATH = {}, [None]
 
 
-def _fastest(key, ours, cudnn, rounds=3):
+def _fastest(key, ours, cudnn=None, rounds=3, fp8=None):
     choice = _BACKENDS.get(key)
     if choice is None:
-        times = {"ours": [], "cudnn": []}
+        fns = {"ours": ours, **{n: f for n, f in (("cudnn", cudnn), ("fp8", fp8)) if f is not None}}
         try:
-            ours(), cudnn()                # warm-up: autotuning, cuDNN plan building
-            for _ in range(rounds):       # alternating, so clock drift hits both alike
-                for name, fn in (("ours", ours), ("cudnn", cudnn)):
+            ours()                         # warm-up: autotuning
+            for name in [n for n in fns if n != "ours"]:
+                try:
+                    fns[name]()            # warm-up: autotuning, cuDNN plan building
+                except RuntimeError:       # refused these inputs (or ran out of memory): it loses
+                    del fns[name]
+            times = {name: [] for name in fns}
+            for _ in range(rounds if len(fns) > 1 else 0):  # alternating, so clock drift hits each alike
+                for name, fn in fns.items():
                     times[name].append(_time_ms(fn))
-            choice = min(times, key=lambda n: sorted(times[n])[len(times[n]) // 2])
-        except RuntimeError:              # cuDNN refused these inputs (or ran out of memory)
+            choice = min(times, key=lambda n: sorted(times[n])[len(times[n]) // 2]) if len(fns) > 1 else "ours"
+        except RuntimeError:               # failed while timed (or ours failed: its own call will say why)
             choice = "ours"
         _BACKENDS[key] = choice
         _save_json(_BACKENDS_PATH[0], _BACKENDS)
@@ -139,16 +180,20 @@ def remember_kernel_choices(folder):
         return
     if isinstance(stored, dict):
         for key, choice in stored.items():
-            if choice in ("ours", "cudnn"):
+            if choice in ("ours", "cudnn", "fp8"):
                 _BACKENDS.setdefault(key, choice)
 
 
-def norm_modulate(x, shift, scale, split=None, eps=1e-6):
-    """LayerNorm(x) * (1 + scale) + shift; x [B, S, C], shift/scale [B, C] or [B, 2, C] split at token `split`."""
+def norm_modulate(x, shift, scale, split=None, eps=1e-6, fp8=False):
+    """LayerNorm(x) * (1 + scale) + shift; x [B, S, C], shift/scale [B, C] or [B, 2, C] split at token `split`.
+    fp8: as FP8Rows (e4m3 + per-token scales of that value in x's dtype), for Linears that take_fp8_rows."""
     fn = _triton(x, _modulation, "norm_modulate")
     if fn is not None:
+        if fp8:
+            return fn(x, shift, scale, split=split, eps=eps, q_dtype=torch.float8_e4m3fn)
         return fn(x, shift, scale, split=split, eps=eps)
-    return _modulation.norm_modulate_ref(x, shift, scale, split=split, eps=eps)
+    out = _modulation.norm_modulate_ref(x, shift, scale, split=split, eps=eps)
+    return _quant_fp8.quantize_ref(out) if fp8 else out
 
 
 def gated_residual(x, gate, y, split=None):
@@ -159,12 +204,15 @@ def gated_residual(x, gate, y, split=None):
     return _modulation.gated_residual_ref(x, gate, y, split=split)
 
 
-def gated_residual_norm_modulate(x, gate, y, shift, scale, split=None, eps=1e-6):
-    """(h, norm_modulate(h)) with h = x + gate * y: one pass over the residual stream."""
+def gated_residual_norm_modulate(x, gate, y, shift, scale, split=None, eps=1e-6, fp8=False):
+    """(h, norm_modulate(h)) with h = x + gate * y: one pass over the residual stream. fp8: the second as FP8Rows."""
     fn = _triton(x, _modulation, "gated_residual_norm_modulate")
     if fn is not None:
+        if fp8:
+            return fn(x, gate, y, shift, scale, split=split, eps=eps, q_dtype=torch.float8_e4m3fn)
         return fn(x, gate, y, shift, scale, split=split, eps=eps)
-    return _modulation.gated_residual_norm_modulate_ref(x, gate, y, shift, scale, split=split, eps=eps)
+    h, out = _modulation.gated_residual_norm_modulate_ref(x, gate, y, shift, scale, split=split, eps=eps)
+    return (h, _quant_fp8.quantize_ref(out)) if fp8 else (h, out)
 
 
 def rms_norm_rope(x, weight, cos, sin, eps=1e-6, out=None):
@@ -189,7 +237,40 @@ def linear_gelu(x, weight, bias):
 def linear_fp8(x, weight, scale, bias=None):
     """x [..., K] @ (weight [N, K] float8_e4m3fn · scale [N] float32 per output channel)ᵀ + bias -> [..., N] in
     x's dtype. On CUDA sm89+ (bf16): torch._scaled_mm with x quantized per token; elsewhere (CPU, older GPUs,
-    QIE_OPS=torch) the dequantized weight through F.linear, which is the reference."""
+    QIE_OPS=torch) the dequantized weight through F.linear, which is the reference.
+    x may be FP8Rows (quantized already by the kernel that produced it): the GEMM takes them as they are, and the
+    reference dequantizes both operands (what _scaled_mm computes)."""
     if os.environ.get("QIE_OPS", "triton") != "torch" and _fp8_linear.supports(x, weight, bias):
         return _fp8_linear.fp8_linear(x, weight, scale, bias)
     return _fp8_linear.fp8_linear_ref(x, weight, scale, bias)
+
+
+def takes_fp8_rows(x, *linears):
+    """Whether every Linear of `linears` (the consumers of activation x: a tensor or FP8Rows, or one standing for
+    it on the same device and dtype) is an fp8 layer (float8_e4m3fn weight + weight_scale) whose GEMM runs in fp8
+    here. Then the op producing x should emit FP8Rows (fp8=True, quantize_fp8, gelu_fp8) and no torch pass
+    quantizes it at the Linear. False under QIE_OPS=torch and QIE_FP8_QUANT=torch."""
+    if os.environ.get("QIE_OPS", "triton") == "torch" or os.environ.get("QIE_FP8_QUANT", "fused") == "torch":
+        return False
+    return all(getattr(m, "weight_scale", None) is not None and m.weight.shape[1] % 16 == 0
+               and _fp8_linear.supports(x, m.weight, getattr(m, "bias", None)) for m in linears)
+
+
+def quantize_fp8(x):
+    """x [M, K] or [B, S, K] (rows may be strided) -> FP8Rows: per-token e4m3 + scales, quantize_rows' rule,
+    in one pass (the attention output feeding to_out/to_add_out: see kernels/quant_fp8.py for why not inside
+    attention)."""
+    fn = _triton(x, _quant_fp8, "quantize")
+    return fn(x) if fn is not None else _quant_fp8.quantize_ref(x)
+
+
+def gelu_fp8(y):
+    """gelu_tanh(y) as FP8Rows, y [M, N] or [B, S, N] (the MLP up-projection's output): the GELU rounded to
+    y's dtype, then quantized per token, in one kernel."""
+    fn = _triton(y, _quant_fp8, "gelu_quantize")
+    return fn(y) if fn is not None else _quant_fp8.gelu_quantize_ref(y)
+
+
+def gemm_input(x, *linears):
+    """x as its consumer Linears take it: quantize_fp8(x) where they take_fp8_rows, else x itself."""
+    return quantize_fp8(x) if takes_fp8_rows(x, *linears) else x

@@ -14,11 +14,38 @@ most half a step: 2^-4 of itself; below 2^-6 (subnormals, step 2^-9) by at most 
 |W - W_dq| <= max(2^-4 |W|, 2^-10 · amax / 448) <= 2^-4 · amax.
 """
 import functools
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+
+
+class FP8Rows(NamedTuple):
+    """An activation already quantized by the rule below, as a kernel emits it for an fp8 GEMM:
+    q [..., K] float8_e4m3fn contiguous, scale [...] float32 (one per row: per token), and `dtype`, the
+    activation's own dtype (what it stands for, and what the GEMM returns). Value ≈ q.float() · scale[..., None]."""
+    q: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
+
+    @property
+    def shape(self):
+        return self.q.shape
+
+    @property
+    def device(self):
+        return self.q.device
+
+    @property
+    def is_cuda(self):
+        return self.q.is_cuda
+
+    def dequantized(self, dtype=None):
+        """q · scale computed in float32, cast to `dtype` (default: the activation's own dtype)."""
+        K = self.q.shape[-1]
+        return dequantize_rows(self.q.reshape(-1, K), self.scale.reshape(-1), dtype or self.dtype).view(self.q.shape)
 
 
 def quantize_rows(t):
@@ -36,7 +63,12 @@ def dequantize_rows(q, scale, dtype=torch.float32):
 
 
 def fp8_linear_ref(x, weight, scale, bias=None):
-    """x [..., K] (float) · dequantized weight [N, K]ᵀ + bias [N] -> [..., N] in x's dtype."""
+    """x [..., K] (float) · dequantized weight [N, K]ᵀ + bias [N] -> [..., N] in x's dtype.
+    x as FP8Rows: what torch._scaled_mm computes, emulated (both operands dequantized, float32 products and sums,
+    bias, one rounding to the activation's dtype)."""
+    if isinstance(x, FP8Rows):
+        b = None if bias is None else bias.float()
+        return F.linear(x.dequantized(torch.float32), dequantize_rows(weight, scale), b).to(x.dtype)
     return F.linear(x, dequantize_rows(weight, scale, x.dtype), bias)
 
 
@@ -47,7 +79,8 @@ def _capability(index):
 
 def supports(x, weight, bias=None):
     """Whether fp8_linear runs these inputs: CUDA sm89+ with torch._scaled_mm, bf16 activations (rowwise scaling
-    gives bf16 output only), e4m3fn weights, K and N multiples of 16 (cuBLASLt's fp8 alignment)."""
+    gives bf16 output only), e4m3fn weights, K and N multiples of 16 (cuBLASLt's fp8 alignment).
+    x: a tensor, or FP8Rows (its dtype is the activation's)."""
     return (x.is_cuda and hasattr(torch, "_scaled_mm") and x.dtype == torch.bfloat16
             and weight.dtype == torch.float8_e4m3fn and weight.is_cuda
             and _capability(x.device.index if x.device.index is not None else torch.cuda.current_device()) >= (8, 9)
@@ -56,13 +89,20 @@ def supports(x, weight, bias=None):
 
 
 def fp8_linear(x, weight, scale, bias=None):
-    """The fp8 GEMM: x [..., K] quantized per token, weight [N, K] e4m3fn with scale [N] float32 -> [..., N] in
-    x's dtype. Call through ops.linear_fp8 (which checks `supports`); the shapes are checked here."""
+    """The fp8 GEMM: x [..., K] quantized per token (or FP8Rows, quantized already by the kernel that made it),
+    weight [N, K] e4m3fn with scale [N] float32 -> [..., N] in the activation's dtype. Call through
+    ops.linear_fp8 (which checks `supports`); the shapes are checked here."""
     K, N = x.shape[-1], weight.shape[0]
     if weight.shape[1] != K or scale.shape != (N,) or scale.dtype != torch.float32:
         raise ValueError(f"fp8_linear: x [..., {K}], weight {tuple(weight.shape)} {weight.dtype}, "
                          f"scale {tuple(scale.shape)} {scale.dtype}: want weight [N, {K}], scale [N] float32")
-    x_q, x_scale = quantize_rows(x.reshape(-1, K))     # [M, K] e4m3fn row-major, [M] float32
+    if isinstance(x, FP8Rows):
+        if x.q.dtype != torch.float8_e4m3fn or x.scale.dtype != torch.float32 or x.scale.shape != x.q.shape[:-1]:
+            raise ValueError(f"fp8_linear: FP8Rows q {tuple(x.q.shape)} {x.q.dtype}, scale {tuple(x.scale.shape)} "
+                             f"{x.scale.dtype}: want q [..., K] float8_e4m3fn and scale [...] float32")
+        x_q, x_scale = x.q.reshape(-1, K), x.scale.reshape(-1)    # views of the kernel's contiguous outputs
+    else:
+        x_q, x_scale = quantize_rows(x.reshape(-1, K))     # [M, K] e4m3fn row-major, [M] float32
     # mat2 = weight.t(): [K, N] column-major, as cuBLASLt's fp8 GEMM wants it (no copy);
     # scale_a [M, 1] and scale_b [1, N] select rowwise scaling
     y = torch._scaled_mm(x_q, weight.t(), scale_a=x_scale[:, None], scale_b=scale[None, :], bias=bias,

@@ -33,8 +33,9 @@ class GeluProj(nn.Module):
         super().__init__()
         self.proj = nn.Linear(dim, hidden)
 
-    def forward(self, x):
-        return ops.linear_gelu(x, self.proj.weight, self.proj.bias)
+    def forward(self, x, fp8_out=False):
+        y = ops.linear_gelu(x, self.proj.weight, self.proj.bias)
+        return ops.quantize_fp8(y) if fp8_out else y
 
 
 class FeedForward(nn.Module):
@@ -43,7 +44,8 @@ class FeedForward(nn.Module):
         self.net = nn.ModuleList([GeluProj(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim)])
 
     def forward(self, x):
-        return self.net[2](self.net[0](x))
+        down = self.net[2]  # the hidden comes out as FP8Rows where the down-projection takes them
+        return down(self.net[0](x, fp8_out=ops.takes_fp8_rows(x, down)))
 
 
 class JointAttention(nn.Module):
@@ -57,21 +59,28 @@ class JointAttention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
         self.to_add_out = nn.Linear(dim, dim)
 
+    def attend(self, q, k, v, kv_len, kv_host=None):
+        """The attention core, q, k, v [B, S, H, D] -> [B, S, H, D]; a transform may replace it per instance
+        (engine.parallel.seq exchanges sequence for heads around it)."""
+        return ops.attention(q, k, v, kv_len=kv_len, kv_host=kv_host)
+
     def forward(self, img, txt, rope, kv_len, kv_host=None):
-        """img [B, N, C], txt [B, L, C]; rope = (cos, sin) [N + L, D/2]; kv_len [B] valid joint keys
-        (kv_host: the same as host ints, or None)."""
+        """img [B, N, C], txt [B, L, C] (tensors, or FP8Rows for fp8 projections); rope = (cos, sin) [N + L, D/2];
+        kv_len [B] valid joint keys (kv_host: the same as host ints, or None)."""
         (B, N, _), L = img.shape, txt.shape[1]
         cos, sin = rope
         split = lambda t: t.unflatten(-1, (self.heads, self.head_dim))  # [B, S, H, D]
         # q and k are normed and rotated straight into the joint [image, text] sequence: no concatenation
-        q, k = (img.new_empty(B, N + L, self.heads, self.head_dim) for _ in range(2))
+        q, k = (torch.empty(B, N + L, self.heads, self.head_dim, dtype=img.dtype, device=img.device)
+                for _ in range(2))
         ops.rms_norm_rope(split(self.to_q(img)), self.norm_q.weight, cos[:N], sin[:N], out=q[:, :N])
         ops.rms_norm_rope(split(self.add_q_proj(txt)), self.norm_added_q.weight, cos[N:], sin[N:], out=q[:, N:])
         ops.rms_norm_rope(split(self.to_k(img)), self.norm_k.weight, cos[:N], sin[:N], out=k[:, :N])
         ops.rms_norm_rope(split(self.add_k_proj(txt)), self.norm_added_k.weight, cos[N:], sin[N:], out=k[:, N:])
         v = torch.cat([split(self.to_v(img)), split(self.add_v_proj(txt))], 1)
-        out = ops.attention(q, k, v, kv_len=kv_len, kv_host=kv_host).flatten(2)  # [B, N + L, C]
-        return self.to_out[0](out[:, :N]), self.to_add_out(out[:, N:])
+        out = self.attend(q, k, v, kv_len, kv_host).flatten(2)  # [B, N + L, C]
+        return (self.to_out[0](ops.gemm_input(out[:, :N], self.to_out[0])),
+                self.to_add_out(ops.gemm_input(out[:, N:], self.to_add_out)))
 
 
 class Block(nn.Module):
@@ -105,12 +114,17 @@ class Block(nn.Module):
             p if split is not None else p[:, 0] for p in img_mod.chunk(6, dim=-1))
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = (p[:, 0] for p in txt_mod.chunk(6, dim=-1))
 
-        img_in = ops.norm_modulate(img, i_shift1, i_scale1, split)
-        txt_in = ops.norm_modulate(txt, t_shift1, t_scale1)
+        # the inputs of fp8 Linears that run fp8 GEMMs here come out of these kernels as FP8Rows
+        a = self.attn
+        fp8 = ops.takes_fp8_rows
+        img_in = ops.norm_modulate(img, i_shift1, i_scale1, split, fp8=fp8(img, a.to_q, a.to_k, a.to_v))
+        txt_in = ops.norm_modulate(txt, t_shift1, t_scale1, fp8=fp8(txt, a.add_q_proj, a.add_k_proj, a.add_v_proj))
         img_attn, txt_attn = self.attn(img_in, txt_in, rope, kv_len, kv_host)
 
-        img, img_in = ops.gated_residual_norm_modulate(img, i_gate1, img_attn, i_shift2, i_scale2, split)
-        txt, txt_in = ops.gated_residual_norm_modulate(txt, t_gate1, txt_attn, t_shift2, t_scale2)
+        img, img_in = ops.gated_residual_norm_modulate(img, i_gate1, img_attn, i_shift2, i_scale2, split,
+                                                       fp8=fp8(img, self.img_mlp.net[0].proj))
+        txt, txt_in = ops.gated_residual_norm_modulate(txt, t_gate1, txt_attn, t_shift2, t_scale2,
+                                                       fp8=fp8(txt, self.txt_mlp.net[0].proj))
         img = ops.gated_residual(img, i_gate2, self.img_mlp(img_in), split)
         txt = ops.gated_residual(txt, t_gate2, self.txt_mlp(txt_in))
         if img.dtype == torch.float16:  # keep fp16 residuals finite, as the reference does
@@ -276,17 +290,36 @@ def param_shapes(cfg):
         return {k: v.shape for k, v in MMDiT(cfg).state_dict().items()}
 
 
-def load_mmdit(snapshot, dtype, device, file=None, weights=None):
+def load_mmdit(snapshot, dtype, device, file=None, weights=None, place=None):
     """The MMDiT configured by the snapshot's transformer/config.json, its weights from transformer/*.safetensors
     or, given `file`, from that one .safetensors (ComfyUI layout; transformer/ then needs only config.json).
     model.source is None, or for a file read_transformer_file's info plus `overrides`: the config values the
     file changed (an Edit-2511 marker turns zero_cond_t on). An fp8 file's block Linears stay fp8
-    (engine.transforms.fp8.FP8Linear) unless weights="bf16", which dequantizes every layer to `dtype` on load."""
+    (engine.transforms.fp8.FP8Linear) unless weights="bf16", which dequantizes every layer to `dtype` on load.
+    place(model): puts the model where it will run instead of `device` (engine.pipelines.load.place_transformer);
+    it may return (host buffer, fn) pairs, each fn run once the reader has filled that buffer (page-locking).
+    A snapshot's weights (no fp8 scales) are read after placing, straight into the placed tensors: the model is
+    built and placed on the meta device, then loaders.fast_read fills every tensor where it lives. A file, or a
+    snapshot with fp8 scales, is read into a host state dict first (loaders.single_file, safe_open), then placed."""
+    from loaders import check_keys
     from loaders.single_file import read_transformer_file
     from engine.transforms.fp8 import fp8_layer_names, use_fp8_linears
 
     d = snapshot.config("transformer")
     source, overrides = None, {}
+    index = snapshot.tensor_index("transformer", device) if file is None else None
+    if index is not None and not any(k.endswith(".weight_scale") for k in index):
+        with torch.device("meta"):
+            model = MMDiT(MMDiTConfig.from_dict(d)).to(dtype)     # every MMDiT tensor is floating: all `dtype`
+        check_keys({k: v.shape for k, v in model.state_dict().items()}, index, "transformer")
+        after = ()
+        if place is None:
+            model.to_empty(device=device)
+        else:
+            after = place(model) or ()
+        snapshot.read_into(index, model.state_dict(), after)       # in place: the tensors alias the parameters
+        model.eval().source = None
+        return model
     if file is None:
         state, where = snapshot.weights("transformer", dtype=dtype), "transformer"
     else:
@@ -301,8 +334,10 @@ def load_mmdit(snapshot, dtype, device, file=None, weights=None):
         model = MMDiT(MMDiTConfig.from_dict({**d, **overrides}))
     use_fp8_linears(model, [k[:-len(".weight_scale")] for k in state if k.endswith(".weight_scale")])
     assign(model, state, where)
-    model = model.to(device).eval()
+    model = model.eval() if place is not None else model.to(device).eval()
     model.source = source
+    if place is not None:
+        place(model)
     return model
 
 

@@ -61,14 +61,16 @@ class FP8Linear(nn.Module):
 
 class FP8GeluProj(nn.Module):
     """GeluProj over an FP8Linear: gelu_tanh(proj(x)). The bf16 module fuses the GELU into the GEMM
-    (ops.linear_gelu); torch._scaled_mm has no activation epilogue, so here it is a separate op."""
+    (ops.linear_gelu); torch._scaled_mm has no activation epilogue, so here it is a separate op, which with
+    fp8_out (the down-projection takes FP8Rows) also quantizes the hidden for the next fp8 GEMM (ops.gelu_fp8)."""
 
     def __init__(self, proj):
         super().__init__()
         self.proj = proj
 
-    def forward(self, x):
-        return F.gelu(self.proj(x), approximate="tanh")
+    def forward(self, x, fp8_out=False):
+        y = self.proj(x)   # [..., 4C] in the model dtype
+        return ops.gelu_fp8(y) if fp8_out else F.gelu(y, approximate="tanh")
 
 
 def fp8_layer_names(num_layers):

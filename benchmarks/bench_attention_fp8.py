@@ -1,0 +1,182 @@
+"""FP8 attention benchmark on the GPU: ours fp8 (e4m3 and int8 Q/K), ours bf16, cuDNN bf16 (and SageAttention 1
+when installed), B1 H24 D128, TFLOP/s next to the matmul ceilings measured in the same run, rel L2 vs float32.
+
+Run from the repo root:  python -m benchmarks.bench_attention_fp8 --out benchmarks/results/attention_fp8_<gpu>.json
+  --seqs 8552,53608   sequence lengths (queries = keys)
+  --masked            also kv_len = S - 200 (a padded text tail), cuDNN then per row over its valid keys
+  --sweep             also every fp8 block config at the first S, TMA and pointer loads, no autotune
+  --ref-rows 1024     float32 reference on this many evenly spaced query rows (rows are independent, so
+                      their rel L2 estimates the whole output's; the full float32 reference at S=53608 is
+                      3.5e16 flops of non-tensor-core math), computed in query chunks
+
+Flops: 4·B·H·S·S_valid·D. "fp8 total" includes quantize() (three memory-bound kernels), "fp8 attend" does
+not; "of mm" is against the fp8 _scaled_mm ceiling for our 8-bit rows, the bf16 one otherwise. Timing: CUDA
+events around each call (benchmarks.common.time_ms), the providers interleaved ROUNDS times, the median kept. Targets (issue 11): fp8 total >= 1.5x cuDNN bf16 TFLOP/s; rel L2 <= SageAttention 1's
+(1.3e-2 measured earlier on such Gaussian inputs; measured again here when `sageattention` imports).
+"""
+import argparse
+import time
+
+import torch
+from torch.nn.attention import SDPBackend
+
+from benchmarks.common import ceilings, env_info, time_ms, write_json
+from engine.ops import sdpa_rows
+from kernels import attention as A
+from kernels import attention_fp8 as F
+
+B, H, D = 1, 24, 128
+ROUNDS = 3
+TEXT_PAD = 200
+SAGE1_REL_L2 = 1.3e-2   # the issue's measurement, when SageAttention is not installed here
+
+
+def fp8_matmul_tflops(n=8192):
+    a = torch.randn(n, n, device="cuda").to(torch.float8_e4m3fn)
+    b = torch.randn(n, n, device="cuda").to(torch.float8_e4m3fn)
+    one = torch.ones((), device="cuda")
+    ms = time_ms(lambda: torch._scaled_mm(a, b.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16),
+                 warmup=3, reps=20)
+    return 2 * n ** 3 / ms / 1e9
+
+
+def providers(q, k, v, kv_len, kv_host):
+    run = {"cudnn_bf16": lambda: sdpa_rows(q, k, v, kv_host, backend=SDPBackend.CUDNN_ATTENTION),
+           "ours_bf16": lambda: A.attention(q, k, v, kv_len=kv_len)}
+    for qk in ("fp8", "int8"):
+        z = F.quantize(q, k, v, kv_len, qk=qk)     # kept for the "attend" rows
+        run[f"ours_{qk}_total"] = lambda qk=qk: F.attention_fp8(q, k, v, kv_len, qk=qk)
+        run[f"ours_{qk}_attend"] = lambda z=z: F.attend(z, kv_len, q.dtype)
+        run[f"ours_{qk}_quantize"] = lambda qk=qk: F.quantize(q, k, v, kv_len, qk=qk)
+    if kv_len is None:
+        try:
+            from sageattention import sageattn  # SageAttention 1 (Triton, INT8 Q·K, fp16 P·V); not a dependency
+            run["sage1"] = lambda: sageattn(q, k, v, tensor_layout="NHD", is_causal=False)
+        except ImportError:
+            pass
+    return run
+
+
+def bench(S, masked, ref_rows, rows, ceil):
+    g = torch.Generator("cuda").manual_seed(S)
+    q, k, v = (torch.randn(B, S, H, D, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
+    valid = S - TEXT_PAD if masked else S
+    kv_len = torch.full((B,), valid, device="cuda", dtype=torch.int32) if masked else None
+    kv_host = [valid] * B if masked else None
+    flops = 4 * B * H * S * valid * D
+    sel = torch.linspace(0, S - 1, min(ref_rows, S), device="cuda").long()   # evenly spaced query rows
+    ref = F.attention_fp32_ref(q[:, sel], k[:, :valid], v[:, :valid], chunk=512)
+    run = providers(q, k, v, kv_len, kv_host)
+    times = {name: [] for name in run}
+    errors, configs = {}, {}
+    for name, fn in run.items():  # warm-up (autotuning, cuDNN plans) and accuracy, one provider at a time
+        try:
+            out = fn()
+            if not name.endswith("_quantize"):
+                errors[name] = ((out[:, sel].float() - ref).norm() / ref.norm()).item()
+            if name.endswith("_attend") or name == "ours_bf16":   # the autotuner's pick for this call
+                c = (A._attn_fwd if name == "ours_bf16" else F._attend).best_config
+                configs[name] = f"BM{c.kwargs['BLOCK_M']} BN{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}"
+        except Exception as e:  # a provider that refuses the inputs or runs out of memory
+            times[name] = e
+        torch.cuda.empty_cache()
+    reps = 20 if S < 20000 else 5
+    for _ in range(ROUNDS):  # interleaved, so clock and power drift hit each alike
+        for name, fn in run.items():
+            if not isinstance(times[name], Exception):
+                times[name].append(time_ms(fn, warmup=1, reps=reps))
+    cudnn = times.get("cudnn_bf16")
+    cudnn_ms = sorted(cudnn)[ROUNDS // 2] if isinstance(cudnn, list) else None
+    for name in run:
+        row = {"S": S, "kv_len": valid, "masked": masked, "provider": name}
+        if isinstance(times[name], Exception):
+            row["error"] = f"{type(times[name]).__name__}: {str(times[name])[:200]}"
+        else:
+            t = sorted(times[name])[ROUNDS // 2]
+            row.update(ms=t, rounds_ms=times[name])
+            if not name.endswith("_quantize"):
+                row.update(tflops=flops / t / 1e9, rel_l2=errors.get(name))
+                eight_bit = name.startswith(("ours_fp8", "ours_int8"))    # against the ceiling of its own dots
+                row["frac_of_mm"] = row["tflops"] / ceil["fp8_mm_tflops" if eight_bit else "matmul_tflops"]
+                if cudnn_ms:
+                    row["x_cudnn"] = cudnn_ms / t
+            if name in configs:
+                row["config"] = configs[name]
+        rows.append(row)
+    del q, k, v, ref, run
+    torch.cuda.empty_cache()
+
+
+def sweep(S, rows):
+    """Every fp8 config (attend only, e4m3) at S, TMA and pointer loads, bypassing the autotuner."""
+    q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    z = F.quantize(q, k, v)
+    for tma in (True, False):
+        for c in F._CONFIGS:
+            cfg = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+            row = {"op": "sweep", "S": S, "tma": tma, **cfg}
+            try:
+                t = time_ms(lambda: F.attend(z, None, q.dtype, tma=tma, config=cfg), warmup=2, reps=20)
+                row.update(ms=t, tflops=4 * B * H * S * S * D / t / 1e9)
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            rows.append(row)
+
+
+def table(ceil, rows):
+    print(f"\nceilings: bf16 matmul {ceil['matmul_tflops']:.0f} TFLOP/s, fp8 matmul (_scaled_mm) "
+          f"{ceil['fp8_mm_tflops']:.0f} TFLOP/s")
+    print(f"{'S':>6} {'kv':>6} {'provider':<20} {'ms':>9} {'TFLOP/s':>8} {'of mm':>6} {'x cuDNN':>8} "
+          f"{'rel L2':>9}  config")
+    for r in rows:
+        if r.get("op") == "sweep":
+            res = f"{r['ms']:9.3f} ms {r['tflops']:6.0f} TFLOP/s" if "ms" in r else f"ERROR {r['error'][:80]}"
+            print(f"sweep S={r['S']} tma={r['tma']!s:<5} BM{r['BLOCK_M']} BN{r['BLOCK_N']} w{r['num_warps']} "
+                  f"s{r['num_stages']} {res}")
+        elif "error" in r:
+            print(f"{r['S']:>6} {r['kv_len']:>6} {r['provider']:<20} ERROR {r['error'][:90]}")
+        elif "tflops" not in r:
+            print(f"{r['S']:>6} {r['kv_len']:>6} {r['provider']:<20} {r['ms']:9.3f}")
+        else:
+            xc = f"{r['x_cudnn']:8.2f}" if "x_cudnn" in r else f"{'':>8}"
+            err = f"{r['rel_l2']:9.2e}" if r.get("rel_l2") is not None else f"{'':>9}"
+            print(f"{r['S']:>6} {r['kv_len']:>6} {r['provider']:<20} {r['ms']:9.3f} {r['tflops']:8.0f} "
+                  f"{r['frac_of_mm']:6.0%} {xc} {err}  {r.get('config', '')}")
+    for r in rows:
+        if r.get("provider") == "ours_fp8_total" and "x_cudnn" in r:
+            sage = next((s["rel_l2"] for s in rows if s.get("provider") == "sage1" and s["S"] == r["S"]
+                         and "rel_l2" in s), None)
+            bound = sage if sage is not None else SAGE1_REL_L2
+            print(f"target S={r['S']} kv={r['kv_len']}: fp8 total {r['x_cudnn']:.2f}x cuDNN (>= 1.5: "
+                  f"{'met' if r['x_cudnn'] >= 1.5 else 'missed'}); rel L2 {r['rel_l2']:.2e} vs Sage1 {bound:.2e} "
+                  f"({'measured' if sage is not None else 'earlier run'}): "
+                  f"{'met' if r['rel_l2'] <= bound else 'missed'}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--seqs", default="8552,53608")
+    ap.add_argument("--masked", action="store_true")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--ref-rows", type=int, default=1024)
+    args = ap.parse_args()
+    t0 = time.time()
+    c = ceilings()
+    ceil = {"matmul_tflops": c["matmul_tflops"], "fp8_mm_tflops": fp8_matmul_tflops()}
+    rows = []
+    seqs = [int(s) for s in args.seqs.split(",")]
+    for S in seqs:
+        for masked in (False, True) if args.masked else (False,):
+            bench(S, masked, args.ref_rows, rows, ceil)
+    if args.sweep:
+        sweep(seqs[0], rows)
+    out = {**env_info(), "ceilings": ceil, "seconds": round(time.time() - t0, 1), "ref_rows": args.ref_rows,
+           "rows": rows}
+    write_json(args.out, out)
+    table(ceil, rows)
+    print(f"{out['gpu']}, torch {out['torch']}, triton {out['triton']}, {out['seconds']} s -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
