@@ -50,9 +50,24 @@ def _weight_files(folder):
     return files, None
 
 
-def load_state_dict(folder, dtype=None, device="cpu", keep_fp32=()):
-    """Read every tensor of a component folder. Files are memory-mapped; each tensor is cast to `dtype`
-    (floating tensors only, except keys containing a `keep_fp32` fragment) and moved to `device`."""
+def load_state_dict(folder, dtype=None, device="cpu", keep_fp32=(), reader=None):
+    """Read every tensor of a component folder; each tensor is cast to `dtype` (floating tensors only, except
+    keys containing a `keep_fp32` fragment) and lands on `device`. reader: "fast" (default; QIE_READER sets it)
+    reads each tensor straight to `device` with several threads (loaders.fast_read); "safe_open" memory-maps
+    each file and reads one tensor at a time, and is what a file with a dtype the fast reader lacks gets."""
+    if reader is None:
+        from .fast_read import reads_fast
+        reader = "fast" if reads_fast(device) else "safe_open"
+    if reader not in ("fast", "safe_open"):
+        raise LoadError(f"unknown reader {reader!r}; use fast or safe_open")
+    if reader == "fast":
+        from .fast_read import read_into, target_dtype, tensor_index
+        index = tensor_index(folder)
+        if index is not None:
+            state = {k: torch.empty(i.shape, dtype=target_dtype(k, i, dtype, keep_fp32), device=device)
+                     for k, i in index.items()}
+            read_into(index, state)
+            return state
     files, weight_map = _weight_files(folder)
     state = {}
     for path in files:

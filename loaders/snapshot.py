@@ -33,6 +33,24 @@ class Snapshot:
         self.require(name)
         return load_state_dict(self.root / name, dtype=dtype, device=device, keep_fp32=keep_fp32)
 
+    def tensor_index(self, name, device="cpu"):
+        """{key: loaders.fast_read.TensorInfo} of a component from its files' headers, or None when a file holds a
+        dtype the fast reader does not take, or when it does not serve loads to `device` (fast_read.reads_fast:
+        QIE_READER=safe_open, the old path the comparisons use; GPU loads unless QIE_READER=fast); then
+        weights() reads it through safe_open."""
+        from .fast_read import reads_fast, tensor_index
+        self.require(name)
+        if not reads_fast(device):
+            return None
+        return tensor_index(self.root / name)
+
+    def read_into(self, index, dests, after=()):
+        """Fill preallocated tensors {key: tensor} (GPU, pinned or plain host; cast to their dtype) from the
+        files of `index` (tensor_index), several threads at a time; after: (host buffer, fn) pairs, fn run
+        once the buffer is filled (loaders.fast_read.read_into). Returns the reader's stats."""
+        from .fast_read import read_into
+        return read_into(index, dests, after=after)
+
     def pipeline_class(self):
         return self.index.get("_class_name", "?")
 

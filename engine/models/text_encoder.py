@@ -217,9 +217,13 @@ def load_text_encoder(snapshot, dtype=torch.bfloat16, device="cpu", lm_head=Fals
     cfg, vision_cfg = read_config(config)
     with torch.device("meta"):
         model = TextEncoder(cfg, vision_cfg)
-    state = convert_text_encoder_state(snapshot.weights("text_encoder", dtype=dtype), keep_lm_head=lm_head)
-    head = state.pop("lm_head.weight", None)
-    assign(model, state, "text_encoder")
+    index = snapshot.tensor_index("text_encoder", device)
+    if index is not None:       # straight to `device`: allocated there, then filled by loaders.fast_read
+        model, head = _read_placed(snapshot, model, index, dtype, device, lm_head)
+    else:
+        state = convert_text_encoder_state(snapshot.weights("text_encoder", dtype=dtype), keep_lm_head=lm_head)
+        head = state.pop("lm_head.weight", None)
+        assign(model, state, "text_encoder")
     if lm_head:
         tied = (config.get("text_config") or {}).get("tie_word_embeddings", config.get("tie_word_embeddings", False))
         if not tied and head is None:
@@ -227,6 +231,31 @@ def load_text_encoder(snapshot, dtype=torch.bfloat16, device="cpu", lm_head=Fals
         model.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device="meta")
         model.lm_head.weight = model.embed_tokens.weight if tied else nn.Parameter(head, requires_grad=False)
     return model.requires_grad_(False).eval().to(device)
+
+
+def _read_placed(snapshot, model, index, dtype, device, lm_head):
+    """The meta-built model allocated on `device` and its checkpoint read into it (each file key renamed as
+    convert_text_encoder_state renames it; the patch embedding read through a view in the file's shape).
+    Returns (model, lm_head weight or None)."""
+    from loaders import check_keys
+    renamed = {}                                    # engine key -> (file key, meta tensor in the engine's shape)
+    for key, info in index.items():
+        meta = torch.empty(info.shape, dtype=info.dtype, device="meta")
+        for new, t in convert_text_encoder_state({key: meta}, keep_lm_head=lm_head).items():
+            renamed[new] = (key, t)
+    head_entry = renamed.pop("lm_head.weight", None)
+    model = model.to(dtype)                         # every tensor is floating: all `dtype`, as weights() casts
+    check_keys({k: v.shape for k, v in model.state_dict().items()}, {k: t for k, (_, t) in renamed.items()},
+               "text_encoder")
+    model.to_empty(device=device)
+    placed = model.state_dict()
+    dests = {key: placed[new].view(index[key].shape) for new, (key, _) in renamed.items()}
+    head = None
+    if head_entry is not None:
+        head = torch.empty(head_entry[1].shape, dtype=dtype, device=device)
+        dests[head_entry[0]] = head
+    snapshot.read_into(index, dests)
+    return model, head
 
 
 @torch.no_grad()

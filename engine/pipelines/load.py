@@ -6,13 +6,14 @@ from dataclasses import dataclass, field
 import torch
 
 from loaders import LoadError, Snapshot, torch_dtype
+from loaders.fast_read import reads_fast
 
 from engine.config import SchedulerConfig
 from engine.models.mmdit import MMDiT, load_mmdit
 from engine.models.vae import QwenImageVAE, load_vae, to_device as vae_to_device
 from engine.pipelines import pipeline_for
 from engine.pipelines.spec import EditSpec
-from engine.vram.offload import move_except, move_except_modulation, stream_blocks
+from engine.vram.offload import HostModulation, move_except, move_except_modulation, stream_blocks
 
 
 @dataclass
@@ -29,6 +30,7 @@ class EditModels:
     timings: dict = field(default_factory=dict)
     peaks: dict = field(default_factory=dict)   # stage -> (VRAM allocated, reserved) at its peak; CUDA only
     mod_tables: dict = field(default_factory=dict)  # the last schedule's modulation table (common.modulations)
+    mod_host: object = None     # engine.vram.offload.HostModulation: img_mod/txt_mod in (pinned) host buffers
 
     def memory_summary(self):
         """Peak host RAM; on CUDA the peak VRAM (allocated, reserved) over the run and allocated per stage
@@ -44,16 +46,21 @@ class EditModels:
 
 
 def load_models(model_dir, device="cpu", dtype="float32", plan=None, loras=(), transformer_file=None, weights=None,
-                layered=False):
+                layered=False, warm=None):
     """Transformer, VAE and scheduler config of the snapshot's pipeline. transformer_file: the MMDiT from
     one .safetensors file instead of transformer/*.safetensors (configured by transformer/config.json).
     weights: None keeps what the checkpoint holds (an fp8 file's block Linears stay fp8); "fp8" quantizes the
     block Linears to float8_e4m3fn after LoRA fusion and before placing (engine.transforms.fp8); "bf16"
     dequantizes an fp8 file to `dtype` as it is read.
-    loras: [(path or loaders.lora.Lora, scale)] fused into the weights, layer by layer in float32 on `device`: before streaming
-    under a plan (so the pinned copies hold the fused weights), on the device otherwise. With a plan, the
-    blocks beyond plan.mmdit_resident stream from pinned host memory; the modulation weights never reach
-    the GPU."""
+    loras: [(path or loaders.lora.Lora, scale)] fused into the weights, layer by layer in float32 on `device`,
+    where the weights live (GPU, pinned host buffers of streamed blocks).
+    A snapshot's transformer is read straight to where each tensor lives (placed first on the meta device, then
+    filled by loaders.fast_read): the GPU, the pinned buffers of streamed blocks, pinned host buffers for the
+    modulation weights, which never reach the GPU but for the per-edit table. A single file, an fp8 checkpoint
+    and --weights fp8 (quantized on the host) take the old path: a host state dict, then placed (as does
+    everything under QIE_READER=safe_open, the reference the tests and benchmarks compare with).
+    warm: (img_shapes, txt_lens) of the coming edit (edit_shapes): on CUDA without a plan, warm_up runs a scratch
+    block at those shapes while the weights are read, so the first denoising step pays no first-call costs."""
     start = time.perf_counter()
     snap = Snapshot(model_dir)
     spec = pipeline_for(snap)
@@ -61,9 +68,68 @@ def load_models(model_dir, device="cpu", dtype="float32", plan=None, loras=(), t
     dt = torch_dtype(dtype)
     if weights not in (None, "bf16", "fp8"):
         raise LoadError(f"unknown weights {weights!r}; use bf16 or fp8")
-    transformer = load_mmdit(snap, dt, "cpu", file=transformer_file, weights=weights)
+    sched = SchedulerConfig.from_dict(snap.config("scheduler"))
+    if loras:
+        from engine.transforms.lora import fuse_loras
+    warming = []
+    if transformer_file is None and weights != "fp8" and reads_fast(device):
+        placed = []
+
+        def place(model):   # before the weights are read: place_transformer allocates, the reader fills
+            _check_layered(model, model_dir, layered)
+            if plan is not None and plan.mmdit_resident < len(model.transformer_blocks):
+                _check_streamable(model, model_dir)
+            placed.append(place_transformer(model, device, plan))
+            if warm is not None and plan is None and torch.device(device).type == "cuda":
+                warming.append(_Warming(model, warm, device, dt))     # runs while the weights are read
+            stream, mods = placed[-1]           # their buffers are page-locked as the reader fills them
+            return (stream.pending if stream is not None else []) + mods.pending
+        try:
+            transformer = load_mmdit(snap, dt, device, weights=weights, place=place)
+        except BaseException:
+            for handle in (h for pair in placed for h in pair if h is not None):
+                handle.remove()       # no hooks or pinned buffers left behind
+            raise
+        finally:
+            for w in warming:
+                w.join()
+        (stream, mods), quantized = placed[0], 0
+        models = EditModels(transformer, vae_to_device(load_vae(snap, dt, "cpu"), device), sched, device, dt,
+                            plan, stream, mod_host=mods)
+        if loras:           # in place, where the weights live (GPU or pinned host buffers)
+            fuse_loras(transformer, loras, compute_device=device)
+    else:
+        models, quantized = _load_on_host(snap, model_dir, device, dt, plan, loras, transformer_file, weights,
+                                          layered, sched)
+    transformer = models.transformer
+    models.spec = spec
+    models.source = {"model": snap.root.name, "transformer": transformer_file and str(transformer_file),
+                     "loras": [(str(getattr(p, "path", p)), float(s)) for p, s in loras], "notes": [],
+                     "weights": weights}
+    if transformer_file:
+        from loaders.single_file import summary
+        models.source["notes"].append(summary(transformer.source))
+    if quantized:
+        models.source["notes"].append(f"fp8: {quantized} block Linears quantized to float8_e4m3fn on load "
+                                      "(one scale per output channel)")
+    if warming:
+        models.timings["warm_up"] = warming[0].seconds
+        if warming[0].error:
+            models.source["notes"].append(f"warm-up skipped: {warming[0].error}")
+    models.timings["load"] = time.perf_counter() - start
+    return models
+
+
+def _check_layered(transformer, model_dir, layered):
     if transformer.cfg.use_additional_t_cond and not layered:     # layered: engine.pipelines.layered's loader
         raise LoadError(f"{model_dir}: use_additional_t_cond models (Qwen-Image-Layered) are not edit models")
+
+
+def _load_on_host(snap, model_dir, device, dt, plan, loras, transformer_file, weights, layered, sched):
+    """The old path (single files, fp8): the MMDiT as a host state dict, LoRAs fused and fp8 quantized there
+    when it streams or is quantized, then placed."""
+    transformer = load_mmdit(snap, dt, "cpu", file=transformer_file, weights=weights)
+    _check_layered(transformer, model_dir, layered)
     if loras:
         from engine.transforms.lora import fuse_loras
     # quantizing on load happens on the host before placing (the bf16 model never has to fit on the device), so
@@ -78,21 +144,10 @@ def load_models(model_dir, device="cpu", dtype="float32", plan=None, loras=(), t
     if plan is not None and plan.mmdit_resident < len(transformer.transformer_blocks):
         _check_streamable(transformer, transformer_file)
     vae = load_vae(snap, dt, "cpu")
-    models = place_models(transformer, vae, SchedulerConfig.from_dict(snap.config("scheduler")), device, dt, plan)
+    models = place_models(transformer, vae, sched, device, dt, plan)
     if loras and not early:
         fuse_loras(transformer, loras, compute_device=device)
-    models.spec = spec
-    models.source = {"model": snap.root.name, "transformer": transformer_file and str(transformer_file),
-                     "loras": [(str(getattr(p, "path", p)), float(s)) for p, s in loras], "notes": [],
-                     "weights": weights}
-    if transformer_file:
-        from loaders.single_file import summary
-        models.source["notes"].append(summary(transformer.source))
-    if quantized:
-        models.source["notes"].append(f"fp8: {quantized} block Linears quantized to float8_e4m3fn on load "
-                                      "(one scale per output channel)")
-    models.timings["load"] = time.perf_counter() - start
-    return models
+    return models, quantized
 
 
 def _check_streamable(transformer, file):
@@ -104,18 +159,104 @@ def _check_streamable(transformer, file):
                         "add --weights fp8 (quantizes the rest) or --weights bf16")
 
 
-def place_models(transformer, vae, scheduler_cfg, device, dtype, plan=None):
-    """Models built on the host -> EditModels on `device`. The modulation weights stay on the host either
-    way (modulation_table_streamed visits them once per edit); with a plan, the blocks beyond
-    plan.mmdit_resident stream from pinned host memory."""
+def place_transformer(transformer, device, plan=None):
+    """Put the MMDiT where it runs: (StreamHandle or None, HostModulation). The modulation weights stay on the
+    host either way (pinned on CUDA; modulation_table_streamed visits them once per edit); with a plan, the
+    blocks beyond plan.mmdit_resident stream from pinned host memory. A model on the meta device is allocated
+    there, not copied: the loader fills it afterwards."""
+    mods = HostModulation(transformer.transformer_blocks, pin=torch.device(device).type == "cuda")
     stream = None
-    if plan is not None:
-        stream = stream_blocks(transformer.transformer_blocks, device, plan.mmdit_resident)
-        try:
+    try:
+        if plan is not None:
+            stream = stream_blocks(transformer.transformer_blocks, device, plan.mmdit_resident)
             move_except(transformer, device, transformer.transformer_blocks)
-        except BaseException:
+        else:
+            move_except_modulation(transformer, device)
+    except BaseException:
+        if stream is not None:
             stream.remove()     # no hooks or pinned buffers left behind
-            raise
-    else:
-        move_except_modulation(transformer, device)
-    return EditModels(transformer, vae_to_device(vae, device), scheduler_cfg, device, dtype, plan, stream)
+        mods.remove()
+        raise
+    return stream, mods
+
+
+def place_models(transformer, vae, scheduler_cfg, device, dtype, plan=None):
+    """Models built on the host -> EditModels on `device` (place_transformer, then the VAE)."""
+    stream, mods = place_transformer(transformer, device, plan)
+    return EditModels(transformer, vae_to_device(vae, device), scheduler_cfg, device, dtype, plan, stream,
+                      mod_host=mods)
+
+
+def edit_shapes(model_dir, images, tensors, width=None, height=None, cfg=4.0, area=1024 * 1024):
+    """(img_shapes, txt_lens) the denoise of an edit runs at, from its images (PIL) and prompt embeddings
+    ({prompt_embeds, prompt_embeds_mask, negative_...}), derived as engine.pipelines.common.edit derives them;
+    for warm_up before the models exist."""
+    from engine.config import VAEConfig
+    snap = Snapshot(model_dir)
+    spec = pipeline_for(snap)
+    multiple = VAEConfig.from_dict(snap.config("vae")).scale_factor * 2
+    sizes = [im.size for im in images]
+    ow, oh = spec.output_size(sizes, area)
+    w, h = (width or ow) // multiple, (height or oh) // multiple
+    shapes = [(1, h, w)] + [(1, ch // multiple, cw // multiple) for cw, ch in spec.vae_sizes(sizes, area)]
+    lens = []
+    for k in ("prompt_embeds", "negative_prompt_embeds")[: 2 if cfg > 1 else 1]:
+        if k in tensors:
+            mask = tensors.get(k + "_mask")
+            n = int(mask.sum()) if mask is not None else tensors[k].shape[1]
+            lens.append(min(n, spec.max_text_tokens) if spec.max_text_tokens else n)
+    return shapes, lens
+
+
+def warm_up(transformer, img_shapes, txt_lens, device, dtype, block=None):
+    """One MMDiT block at an edit's shapes on random inputs, so that what a process pays at its first forward
+    (Triton kernels loaded, cuBLAS/cuBLASLt/cuDNN handles and plans, the attention backend's timing for this
+    size class unless stored, the caching allocator's growth) is paid here. block: the block to run (default:
+    a scratch block of zeros, so the real weights may still be loading). Runs on the current stream."""
+    cfg = transformer.cfg
+    if block is None:
+        with torch.device("meta"):
+            block = type(transformer.transformer_blocks[0])(cfg)
+        block = block.to(dtype).to_empty(device=device).requires_grad_(False)
+        for p in block.parameters():
+            p.data.zero_()
+    B, L = len(txt_lens), max(txt_lens)
+    N = sum(f * h * w for f, h, w in img_shapes)
+    img = torch.randn(B, N, cfg.dim, device=device, dtype=dtype)
+    txt = torch.randn(B, L, cfg.dim, device=device, dtype=dtype)
+    mod = (torch.zeros(1, 2 if cfg.zero_cond_t else 1, 6 * cfg.dim, device=device, dtype=dtype),
+           torch.zeros(1, 1, 6 * cfg.dim, device=device, dtype=dtype))
+    kv_host = tuple(N + n for n in txt_lens)
+    kv = torch.tensor(kv_host, dtype=torch.int32, device=device)
+    f, h, w = img_shapes[0]
+    with torch.inference_mode():
+        block(img, txt, mod, transformer.rope(img_shapes, L, device), kv, f * h * w if cfg.zero_cond_t else None,
+              kv_host)
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Warming:
+    """warm_up on a thread of its own while the loader reads; join() before the first forward. A failure
+    (e.g. out of memory) only costs the warm-up: its one line goes to the notes."""
+
+    def __init__(self, transformer, shapes, device, dtype):
+        import threading
+        self.seconds, self.error = 0.0, None
+        self._thread = threading.Thread(target=self._run, args=(transformer, shapes, device, dtype), daemon=True)
+        self._thread.start()
+
+    def _run(self, transformer, shapes, device, dtype):
+        t0 = time.perf_counter()
+        try:
+            warm_up(transformer, *shapes, device, dtype)
+        except Exception as e:  # noqa: BLE001
+            self.error = str(e).splitlines()[0] if str(e) else type(e).__name__
+        finally:
+            self.seconds = time.perf_counter() - t0
+
+    def join(self):
+        self._thread.join()
+        if self.error is not None:
+            torch.cuda.empty_cache()
+

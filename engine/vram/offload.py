@@ -12,6 +12,10 @@ events, so the CPU tests check the bookkeeping that the GPU relies on.
 
 Parameters named in `skip` (the modulation weights, which modulation_table replaces) are never transferred.
 Call handle.remove() before dropping a streamed model: it frees the slots and unpins the host buffers.
+
+Placing a model built on the meta device allocates instead of copying: resident tensors get uninitialised
+device memory and streamed ones views of their block's (pinned) flat buffer, which the loader
+(loaders/fast_read.py) then fills in place, so no weight ever has a host copy it does not live in.
 """
 import contextlib
 import weakref
@@ -52,26 +56,107 @@ class _Layout:
         return out
 
 
-def _host_buffer(nbytes, pin):
-    """A flat uint8 host buffer and, when `pin`, the pointer cudaHostRegister pinned (None otherwise).
-    Registering a plain allocation pins exactly nbytes; torch's pin_memory allocator would round every
-    block up to a power of two (a 453 MB bf16 MMDiT block would take 512 MiB of locked memory)."""
-    buf = torch.empty(nbytes, dtype=torch.uint8)
-    if not pin or nbytes == 0:
-        return buf, None
+def _materialize(t, device):
+    """t on `device`: a copy, or for a meta tensor (whose values the loader writes later) uninitialised memory."""
+    if t.is_meta:
+        return torch.empty(t.shape, dtype=t.dtype, device=device)
+    return t.to(device)
+
+
+def _set_param(root, name, tensor):
+    """Replace the (meta) parameter `name` of `root` by one holding `tensor`; returns the new parameter. (A meta
+    parameter cannot take host or device data through .data, so the Parameter object itself is new.)"""
+    mod, _, attr = name.rpartition(".")
+    owner = root.get_submodule(mod) if mod else root
+    old = owner._parameters[attr]
+    p = nn.Parameter(tensor, requires_grad=old.requires_grad)
+    owner._parameters[attr] = p
+    return p
+
+
+def _place_module(m, device):
+    """m's own parameters and buffers (not its children's) on `device`."""
+    for attr, p in list(m._parameters.items()):
+        if p is None:
+            continue
+        new = _materialize(p.data, device)
+        if p.is_meta or not torch._has_compatible_shallow_copy_type(p.data, new):  # to or from meta
+            m._parameters[attr] = nn.Parameter(new, requires_grad=p.requires_grad)
+        else:
+            p.data = new
+    for attr, b in m._buffers.items():
+        if b is not None:
+            m._buffers[attr] = _materialize(b, device)
+
+
+def _register(buf):
+    """cudaHostRegister `buf` (a flat uint8 host tensor) in place: its pointer, or None if refused. Registering
+    a plain allocation pins exactly its bytes; torch's pin_memory allocator would round every block up to a
+    power of two (a 453 MB bf16 MMDiT block would take 512 MiB of locked memory)."""
+    if buf.numel() == 0:
+        return None
     try:
-        err = int(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), nbytes, 0))
+        err = int(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), buf.numel(), 0))
     except Exception:
         err = -1
     if err == 0:
-        return buf, buf.data_ptr()
+        return buf.data_ptr()
     if err > 0:   # the failed call left CUDA's last-error set; the next kernel launch check would raise it
         try:
             torch.zeros(1, device="cuda").add_(1)
             torch.cuda.synchronize()
         except RuntimeError:
             pass
+    return None
+
+
+def _host_buffer(nbytes, pin):
+    """A flat uint8 host buffer and, when `pin`, the pointer cudaHostRegister pinned (None otherwise; if
+    registering is refused, torch's pinned allocator serves, rounded but still pinned)."""
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    if not pin or nbytes == 0:
+        return buf, None
+    ptr = _register(buf)
+    if ptr is not None:
+        return buf, ptr
     return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True), None  # fall back: rounded, still pinned
+
+
+class _Pins:
+    """Host buffers pinned now, or after the loader has filled them (`pending`: (buffer, pin) pairs the reader
+    calls as each buffer completes, so that page-locking overlaps the reads instead of preceding them)."""
+
+    def __init__(self):
+        self._pinned, self.pending = [], []
+
+    def add(self, nbytes, pin, later):
+        """A flat uint8 host buffer: pageable unless `pin`; pinned now, or (later) once the loader filled it."""
+        if not pin or later:
+            buf = torch.empty(nbytes, dtype=torch.uint8)
+            if pin:
+                self.pending.append((buf, partial(self._pin, buf)))
+            return buf
+        buf, ptr = _host_buffer(nbytes, True)
+        self._track(ptr, buf)
+        return buf
+
+    def _pin(self, buf):
+        self._track(_register(buf), buf)   # if refused, the buffer stays pageable: slower copies, same bits
+
+    def _track(self, ptr, buf):
+        if ptr is not None:      # unpinned by remove(), or when the owner is collected
+            f = weakref.finalize(self, _unregister, ptr, buf)
+            f.atexit = False     # at exit the process lets go of everything anyway
+            self._pinned.append(f)
+
+    @property
+    def pinned(self):
+        return bool(self._pinned)
+
+    def release(self):
+        for f in self._pinned:
+            f()
+        self._pinned, self.pending = [], []
 
 
 def _unregister(ptr, _buf):
@@ -150,13 +235,17 @@ class StreamHandle:
         with torch.no_grad(), torch.inference_mode(False):
             self.resident_bytes = 0
             for b, params in zip(blocks[:resident], named):
-                for _, p in params:
-                    p.data = p.data.to(self.device)
+                for name, p in params:
+                    new = _materialize(p.data, self.device)
+                    if p.is_meta or not torch._has_compatible_shallow_copy_type(p.data, new):  # to or from meta
+                        _set_param(b, name, new)
+                    else:
+                        p.data = new
                     self.resident_bytes += _nbytes(p)
             for b in blocks:
                 for name, buf in b.named_buffers():
                     mod, _, attr = name.rpartition(".")
-                    b.get_submodule(mod)._buffers[attr] = buf.to(self.device)
+                    b.get_submodule(mod)._buffers[attr] = _materialize(buf, self.device)
 
             self.blocks = blocks[resident:]
             self.layout = _Layout(named[resident]) if self.blocks else _Layout([])
@@ -164,19 +253,22 @@ class StreamHandle:
                 if _Layout(params).key() != self.layout.key():
                     raise ValueError(f"streamed block {resident + i} differs in parameter names/shapes/dtypes "
                                      "from the first streamed block")
-            self.params, self.host, self.host_views, self._pinned = [], [], [], []
-            for params in named[resident:]:    # one block at a time: never two full host copies
-                flat, ptr = _host_buffer(self.layout.nbytes, pin)
+            self.params, self.host, self.host_views, self.pins = [], [], [], _Pins()
+            for b, params in zip(self.blocks, named[resident:]):  # one block at a time: never two host copies
+                empty = all(p.is_meta for _, p in params)          # the loader fills it: pinned once filled
+                flat = self.pins.add(self.layout.nbytes, pin, later=empty)
                 views = self.layout.views(flat)
-                for (_, p), v in zip(params, views):
-                    v.copy_(p.data)
-                    p.data = v
-                self.params.append([p for _, p in params])
+                placed = []
+                for (name, p), v in zip(params, views):
+                    if p.is_meta:              # the loader fills the view later
+                        p = _set_param(b, name, v)
+                    else:
+                        v.copy_(p.data)
+                        p.data = v
+                    placed.append(p)
+                self.params.append(placed)
                 self.host.append(flat)
                 self.host_views.append(views)
-                if ptr is not None:      # unpinned by remove(), or when the handle is collected
-                    self._pinned.append(weakref.finalize(self, _unregister, ptr, flat))
-                    self._pinned[-1].atexit = False   # at exit the process lets go of everything anyway
             self.slots = [_Slot(self.layout, self.device, self.sync) for _ in range(min(2, len(self.blocks)))]
         self.slot_bytes = self.layout.nbytes
         n = len(self.blocks)
@@ -223,9 +315,12 @@ class StreamHandle:
         for h in self._hooks:
             h.remove()
         self._hooks, self.slots = [], []
-        for f in self._pinned:
-            f()
-        self._pinned = []
+        self.pins.release()
+
+    @property
+    def pending(self):
+        """(host buffer, pin) pairs for the loader: each buffer is page-locked once it is filled."""
+        return self.pins.pending
 
 
 def stream_blocks(blocks: nn.ModuleList, device, resident: int, skip=("img_mod", "txt_mod"), pin=None):
@@ -243,13 +338,8 @@ def move_except(model: nn.Module, device, *block_lists):
         for m in model.modules():
             if id(m) in inside:
                 continue
-            for p in m._parameters.values():
-                if p is not None:
-                    p.data = p.data.to(device)
-                    moved += _nbytes(p)
-            for name, b in m._buffers.items():
-                if b is not None:
-                    m._buffers[name] = b.to(device)
+            moved += sum(_nbytes(p) for p in m._parameters.values() if p is not None)
+            _place_module(m, device)
     return moved
 
 
@@ -260,11 +350,52 @@ def move_except_modulation(model, device, names=("img_mod", "txt_mod")):
     for blk, n, _ in held:
         setattr(blk, n, None)
     try:
-        model.to(device)
+        with torch.no_grad(), torch.inference_mode(False):
+            for m in model.modules():
+                _place_module(m, device)
     finally:
         for blk, n, m in held:
             setattr(blk, n, m)
     return sum(_nbytes(p) for _, _, m in held if m is not None for p in m.parameters())
+
+
+class HostModulation:
+    """The modulation Linears (img_mod/txt_mod, a third of the MMDiT) kept on the host, one flat buffer per
+    block, page-locked when `pin` (on CUDA), so that modulation_table_streamed copies them at the link's full
+    speed. Meta parameters get views of the buffer for the loader to fill; host ones are copied in, one block
+    at a time (never a pageable copy of all of them beside the pinned one). remove() unpins."""
+
+    def __init__(self, blocks, names=("img_mod", "txt_mod"), pin=False):
+        self.host, self.pins, self.host_bytes = [], _Pins(), 0
+        with torch.no_grad(), torch.inference_mode(False):
+            for b in blocks:
+                params = [(f"{n}.{pn}", p) for n in names if getattr(b, n, None) is not None
+                          for pn, p in getattr(b, n).named_parameters()]
+                if not params or not (pin or any(p.is_meta or p.device.type != "cpu" for _, p in params)):
+                    continue           # host tensors that need no pinning stay as they are
+                layout = _Layout(params)
+                empty = all(p.is_meta for _, p in params)
+                flat = self.pins.add(layout.nbytes, pin, later=empty)
+                for (name, p), v in zip(params, layout.views(flat)):
+                    if p.is_meta:
+                        _set_param(b, name, v)
+                    else:
+                        v.copy_(p.data)
+                        p.data = v
+                self.host.append(flat)
+                self.host_bytes += layout.nbytes
+
+    @property
+    def pinned(self):
+        return self.pins.pinned
+
+    @property
+    def pending(self):
+        """(host buffer, pin) pairs for the loader: each buffer is page-locked once it is filled."""
+        return self.pins.pending
+
+    def remove(self):
+        self.pins.release()
 
 
 @contextlib.contextmanager
