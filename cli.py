@@ -81,6 +81,8 @@ def _plan(model_dir, images, args, text_encoder, cfg_batch, tensors=None):
     """Refuse an edit that cannot fit (as _check_fits), then the VRAM plan when --vram or --offload is given
     (printed), else None: everything on the device."""
     from engine.pipelines.budget import plan_job
+    if getattr(args, "parallel", None) == "blocks":
+        return None     # the blocks are fitted to each device's free memory when placed (engine.parallel.blocks)
     args.job = (model_dir, images, cfg_batch, text_encoder, tensors)   # for the out-of-memory advice
     p = plan_job(model_dir, images, args, text_encoder, cfg_batch, tensors)
     if p is not None:
@@ -102,10 +104,19 @@ def _encode(model_dir, images, args, plan=None):
     return tensors
 
 
-def _load(model_dir, args, loras, plan=None):
-    from engine.pipelines.load import load_models
-    models = load_models(model_dir, device=args.device, dtype=_dtype(args), plan=plan, loras=loras,
-                         transformer_file=args.transformer, weights=getattr(args, "weights", None))
+def _load(model_dir, args, loras, plan=None, warm=None):
+    """warm: (images, prompt tensors) of the coming edit: its first-call costs are paid while the weights load."""
+    from engine.pipelines.load import edit_shapes, load_models
+    blocks = getattr(args, "parallel", None) == "blocks"    # loaded on the host, then split over --devices
+    shapes = None
+    if warm is not None and not blocks and args.device == "cuda":
+        shapes = edit_shapes(model_dir, warm[0], warm[1], args.width, args.height, args.cfg)
+    models = load_models(model_dir, device="cpu" if blocks else args.device, dtype=_dtype(args), plan=plan,
+                         loras=loras, transformer_file=args.transformer, weights=getattr(args, "weights", None),
+                         warm=shapes)
+    if blocks:
+        from engine.parallel.blocks import place_blocks
+        print(place_blocks(models, args.devices), file=sys.stderr)
     for line in models.source.get("notes", []):
         print(f"note: {line}", file=sys.stderr)
     return models
@@ -183,6 +194,14 @@ def cmd_batch(args):
         _free_device(args.device)
 
 
+def _quiet(fn, *a):
+    """fn(*a) with its output dropped (the ranks other than 0 of a parallel edit print nothing)."""
+    import contextlib
+    import io
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return fn(*a)
+
+
 def _free_device(device):
     import gc
 
@@ -206,6 +225,9 @@ def _check_run(args):
 
 def cmd_edit(args):
     from engine.pipelines import inputs
+    world = getattr(args, "world", None)    # engine.parallel.World under torchrun --parallel cfg|seq|cfg+seq
+    if world is not None and world.rank > 0:    # the same weights, then rank 0's denoise loop; rank 0 says all
+        return world.follow(lambda: _quiet(_load, args.model, args, inputs.read_loras(args.lora, args.model)))
     _check_out(args)
     _check_run(args)
     if (args.prompt is None) == (args.prompt_embeds is None):
@@ -224,11 +246,15 @@ def cmd_edit(args):
     inputs.check_transformer(args.transformer, args.model)
     tensors = inputs.read_embeds(args.prompt_embeds) if args.prompt_embeds else None
     cfg_batch = 2 if args.cfg > 1 and (tensors is None or "negative_prompt_embeds" in tensors) else 1
+    if world is not None:
+        world.inputs_ready(cfg_batch)       # the other ranks start loading
     plan = _plan(args.model, images, args, text_encoder=tensors is None, cfg_batch=cfg_batch, tensors=tensors)
     if tensors is None:
         tensors = _encode(args.model, images, args, plan)
     args.images = args.image
-    models = _load(args.model, args, loras, plan)
+    models = _load(args.model, args, loras, plan, warm=None if job else (images, tensors))
+    if world is not None:
+        world.attach(models)                # every rank has its weights: the denoise runs on all of them
     if job:
         models.spec = job.spec      # the PNG's text names the inpaint pipeline and its strength
         args.inpaint_strength = job.strength
@@ -430,6 +456,11 @@ def build_parser():
     e.add_argument("--outpaint", metavar="L,T,R,B", help="pad the canvas by these pixels (edge-extended) and repaint "
                    "the padding")
     _add_run_args(e)
+    e.add_argument("--parallel", choices=["cfg", "seq", "cfg+seq", "blocks"],
+                   help="several devices: cfg|seq|cfg+seq under `torchrun --nproc-per-node N` (cond and uncond on "
+                        "two ranks; the image tokens shared by the ranks, N dividing the 24 heads; both), or blocks "
+                        "(one process, the transformer's blocks split over --devices to fit)")
+    e.add_argument("--devices", help="--parallel blocks: the devices, e.g. cuda:0,cuda:1 (split by free memory)")
     e.set_defaults(fn=cmd_edit)
     g = sub.add_parser("generate", help="text to image (a Qwen-Image snapshot)")
     g.add_argument("--model", required=True, help="snapshot folder of Qwen/Qwen-Image (QwenImagePipeline)")
@@ -544,16 +575,30 @@ def _remember_kernel_choices():
     ops.remember_kernel_choices(folder)
 
 
+def _launch(args):
+    """torchrun's process group for `edit --parallel` (engine.parallel.World); None for one process."""
+    if getattr(args, "parallel", None) is None and os.environ.get("WORLD_SIZE", "1") in ("", "1"):
+        return None
+    from engine.parallel import launch
+    return launch(args)
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.fn in (cmd_edit, cmd_encode, cmd_batch, cmd_demo, cmd_generate, cmd_layers):
         _remember_kernel_choices()
+    import contextlib
+
     from engine.text.processor import PromptError
     from loaders import LoadError
+    world = None
     try:
-        args.fn(args)
+        world = args.world = _launch(args)
+        with world or contextlib.nullcontext():     # a failure on any rank reaches every rank
+            args.fn(args)
     except (LoadError, PromptError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not getattr(e, "quiet", False):  # a parallel edit's other ranks exit without a line: rank 0 says it
+            print(f"error: {e}", file=sys.stderr)
         return EXIT_INPUT
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -568,6 +613,9 @@ def main(argv=None):
                   file=sys.stderr)
             return EXIT_OOM
         raise
+    finally:
+        if world is not None:
+            world.close()   # after rank 0's line: then every rank exits
     return 0
 
 

@@ -137,8 +137,13 @@ def denoise(models, latents, cond_tokens, txt, txt_len, img_shapes, sigmas, time
     """The flow-match Euler loop with true CFG (norm rescale) when txt has 2 rows. latents [1, N, 64];
     cond_tokens [B, Nc, 64]; txt [B, L, D] right-padded, txt_len [B] on the host. Rows run batched, or, when
     the plan says so to save activation memory, one at a time through each block or as two B=1 forwards.
-    blend(i, latents) -> latents runs after each step (an inpaint puts the re-noised original back)."""
+    blend(i, latents) -> latents runs after each step (an inpaint puts the re-noised original back).
+    Under torchrun --parallel (models.parallel: engine.parallel) every rank runs this loop on rank 0's inputs."""
     mm, dev, dt, plan = models.transformer, models.device, models.dtype, models.plan
+    par = getattr(models, "parallel", None)
+    if par is not None:
+        latents, cond_tokens, txt, txt_len, img_shapes, sigmas, timesteps, cfg, blend = par.share(
+            models, latents, cond_tokens, txt, txt_len, img_shapes, sigmas, timesteps, cfg, blend)
     B = txt.shape[0]
     rope = mm.rope(img_shapes, txt.shape[1], dev)
     t_model = [(ts.to(dt) / 1000).to(dev) for ts in timesteps]  # the reference's timestep / 1000
@@ -148,7 +153,9 @@ def denoise(models, latents, cond_tokens, txt, txt_len, img_shapes, sigmas, time
     for i in range(len(timesteps)):
         t = t_model[i].expand(B)
         x = torch.cat([latents.expand(B, -1, -1), cond_tokens], dim=1)
-        if split == "forwards":
+        if par is not None:   # this rank's row / token shard; every row's velocity comes back
+            v = par.velocity(mm, x, txt, txt_len, t, img_shapes, rope, mods[i])[:, : latents.shape[1]]
+        elif split == "forwards":
             v = torch.cat([mm(x[j:j + 1], txt[j:j + 1], txt_len[j:j + 1], t[j:j + 1], img_shapes, rope=rope,
                               mods=mods[i]) for j in range(B)])[:, : latents.shape[1]]
         else:
