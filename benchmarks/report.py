@@ -3,6 +3,9 @@ import json
 from pathlib import Path
 
 from benchmarks.report_kernels import e2e_section, kernels_section, readme_attention, readme_table
+from benchmarks.report_bench import bench_section
+from benchmarks.report_family import family_section, readme_family
+from benchmarks.report_fp8 import fp8_section
 from benchmarks.report_plus import plus_section, readme_plus
 
 HERE = Path(__file__).parent
@@ -151,8 +154,15 @@ def main():
             lines += plus_section(path.name, d)
             if "ours_s" in d.get("lora", {}):     # the full run, not a profile-only one
                 update_readme(readme_plus(d), "PLUS")
+        elif path.name.startswith("fp8_kernels"):
+            lines += fp8_section(path.name, d)
+        elif path.name.startswith("family_"):
+            lines += family_section(path.name, d)
+            update_readme(readme_family(d), "FAMILY")
         elif path.name.startswith("vae_memory"):
             lines += _vae_memory(path.name, d)
+        elif "benchmarks" in d and "machine_info" in d:   # pytest-benchmark JSON of benchmarks/test_bench_*.py
+            lines += bench_section(path.name, d)
         elif "cases" in d:
             lines += e2e_section(path.name, d)
             readme["e2e"] = readme_table(d)

@@ -26,6 +26,8 @@ def _layered_rows(d):
             if "ours" in b:
                 cells.append(f"{b['ours']['step_ms'] / 1000:.2f} s, {b['ours']['peak_gib']:.1f} GiB "
                              f"({b['mmdit_resident']}/60 resident, {b['ours']['step_bytes'][-1] / 1e9:.1f} GB streamed)")
+            elif "out of memory" in str(b.get("error", "")).lower():
+                cells.append("out of memory in this run (see below)")
             else:
                 cells.append(f"failed: {str(b.get('error', 'not run'))[:60]}")
         dr, o = r["diffusers"], r["ours"]
@@ -59,10 +61,24 @@ def _answer(d):
     return [line + "."]
 
 
+def _oom_note(d):
+    """A budget run that went out of memory: what its allocator held beyond the plan."""
+    out = []
+    for key, b in d.get("budgets", {}).items():
+        err = str(b.get("error", ""))
+        if "out of memory" in err.lower():
+            out.append(f"`{key}` went out of memory at {b.get('predicted_denoise_gib', 0):.2f} GiB planned: this run "
+                       "first evicted the streamed blocks from a GPU that held the whole model, and (most likely) the allocator's "
+                       "half-freed segments counted against the budget (torch: \"" + err[err.find("Of the"):][:120]
+                       + "…\"). The benchmark now moves the model to the host first, as the CLI loads it; that "
+                       "version has not run yet.")
+    return out
+
+
 def family_section(name, d):
     return ([f"### Layered and text to image — `{name}`", "", _head(d), ""] + _layered_rows(d) + [""]
-            + _answer(d) + [""] + _t2i_line(d))
+            + _answer(d) + [""] + _oom_note(d) + [""] + _t2i_line(d))
 
 
 def readme_family(d):
-    return [_head(d), ""] + _layered_rows(d) + [""] + _answer(d) + [""] + _t2i_line(d)
+    return [_head(d), ""] + _layered_rows(d) + [""] + _answer(d) + [""] + _oom_note(d) + [""] + _t2i_line(d)
