@@ -590,3 +590,23 @@ def test_decode_image_from_many_threads():
     assert e.value.status == 422 and str(e.value) == ("huge.png is 12000x9000 (108 MP), over the 100 MP limit; "
                                                       "downscale it first")
     assert PILImage.MAX_IMAGE_PIXELS == before
+
+
+def test_full_size_warm_up_runs_a_block_at_the_default_shape(served, monkeypatch):
+    """On CUDA without a plan the worker also runs one block at the default 1 MP edit's shapes after its tiny
+    warm-up edit (engine.pipelines.load.warm_up); here on the CPU, called directly: it runs, logs the size it
+    warmed, and a failure inside becomes one note instead of stopping the server."""
+    from engine.pipelines import load as load_mod
+    _, worker, _ = served
+    seen = []
+    real = load_mod.warm_up
+    monkeypatch.setattr(load_mod, "warm_up", lambda *a, **k: (seen.append(a[1]), real(*a, **k)))
+    log, worker.log = worker.log, io.StringIO()
+    try:
+        worker._warm_up_full_size()
+        assert seen and seen[0][0][0] == 1 and "warm-up at" in worker.log.getvalue()
+        monkeypatch.setattr(load_mod, "warm_up", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no memory")))
+        worker._warm_up_full_size()
+        assert "note: full-size warm-up skipped: RuntimeError: no memory" in worker.log.getvalue()
+    finally:
+        worker.log = log

@@ -266,6 +266,25 @@ class Worker:
                               RunOptions(steps=1, cfg=4.0, width=64, height=64))
         self._edit(request, lambda i: None)
         print(f"warm-up edit {time.perf_counter() - t0:.2f}s", file=self.log)
+        if self.device == "cuda" and self.plan is None:
+            self._warm_up_full_size()
+
+    def _warm_up_full_size(self):
+        """One MMDiT block at the default edit's shapes (one ~1 MP image, CFG's two prompts): the first-call
+        costs of that size (kernel choices, cuDNN/cuBLASLt plans, the allocator's growth) are paid at start,
+        not by the first request. A scratch block of zeros (no plan: the memory is there); a failure costs only
+        this warm-up."""
+        from engine.pipelines.load import edit_shapes, warm_up
+        t0 = time.perf_counter()
+        try:
+            joint = self.models.transformer.cfg.joint_attention_dim
+            fake = {"prompt_embeds": torch.empty(1, 160, joint), "negative_prompt_embeds": torch.empty(1, 8, joint)}
+            image = Image.new("RGB", (1024, 1024))
+            shapes, lens = edit_shapes(self.model_dir, [image] * self.spec.min_images, fake)
+            warm_up(self.models.transformer, shapes, lens, self.device, torch_dtype(self.dtype))
+            print(f"warm-up at {shapes[0][2] * 16}x{shapes[0][1] * 16} {time.perf_counter() - t0:.2f}s", file=self.log)
+        except Exception as e:      # noqa: BLE001 (the server runs without it)
+            print(f"note: full-size warm-up skipped: {one_line(e)}", file=self.log)
 
     def _run(self, job):
         def progress(i):
