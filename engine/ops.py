@@ -4,7 +4,8 @@ Model code calls ops.<name>(...) and never knows which ran. QIE_OPS=torch forces
 baseline path in benchmarks); QIE_OPS=triton (default) uses a kernel wherever one exists for the inputs;
 QIE_OPS=interpret runs the kernels on CPU tensors under the Triton interpreter (the CI's model-level check).
 QIE_ATTENTION=triton keeps attention on our kernel (no timing against cuDNN; see attention()).
-QIE_ATTN_FP8=1 adds our fp8 attention kernel to attention()'s timed choice (off by default: accuracy).
+QIE_ATTN_FP8=1 adds our fp8 attention kernel to attention()'s timed choice (off by default: accuracy);
+QIE_ATTN_FP8_PV=bf16 makes that kernel's P·V a bf16 dot (V not quantized, P not rounded to e4m3; default fp8).
 QIE_FP8_QUANT=torch quantizes the fp8 GEMMs' activations at the Linear in plain torch (the unfused baseline);
 by default (fused) the kernel producing a GEMM input emits it as FP8Rows where takes_fp8_rows() says so.
 """
@@ -51,9 +52,11 @@ def attention(q, k, v, kv_len=None, causal=False, scale=None, kv_host=None, fp8=
     if _cudnn_candidate(q, k, causal, kv_len, kv_host):
         cudnn = lambda: sdpa_rows(q, k, v, kv_host, scale, SDPBackend.CUDNN_ATTENTION)  # noqa: E731
     if _fp8_candidate(q, k, v, causal, fp8):
-        fp8_fn = lambda: _attention_fp8.attention_fp8(q, k, v, kv_len=kv_len, scale=scale)  # noqa: E731
+        pv = _fp8_pv(None)
+        fp8_fn = lambda: _attention_fp8.attention_fp8(q, k, v, kv_len=kv_len, scale=scale, pv=pv)  # noqa: E731
     if cudnn is not None or fp8_fn is not None:
-        key = _backend_key(q, k, kv_host) + ("|fp8" if fp8_fn is not None else "")  # bf16 keys stay as they were
+        # bf16 keys stay as they were; the default fp8 kernel keeps "|fp8", another P·V is another candidate
+        key = _backend_key(q, k, kv_host) + ("" if fp8_fn is None else "|fp8" if pv == "fp8" else f"|fp8 pv {pv}")
         choice = _fastest(key, ours, cudnn, fp8=fp8_fn)
         if choice == "cudnn":
             return cudnn()
@@ -62,13 +65,19 @@ def attention(q, k, v, kv_len=None, causal=False, scale=None, kv_host=None, fp8=
     return ours()
 
 
-def attention_fp8(q, k, v, kv_len=None, scale=None):
-    """softmax(q kᵀ · scale) v with 8-bit Q·Kᵀ and P·V (kernels/attention_fp8.py): q, k, v [B, S, H, D], kv_len
-    int32 [B] or None -> [B, Sq, H, D] in q's dtype. Off the GPU (or below sm89) the same quantized math in torch."""
+def attention_fp8(q, k, v, kv_len=None, scale=None, qk="fp8", pv=None):
+    """softmax(q kᵀ · scale) v with an 8-bit Q·Kᵀ (qk "fp8" or "int8" codes) and an fp8 or bf16 P·V (pv; None
+    reads QIE_ATTN_FP8_PV, default "fp8") (kernels/attention_fp8.py): q, k, v [B, S, H, D], kv_len int32 [B] or
+    None -> [B, Sq, H, D] in q's dtype. Off the GPU (or below sm89) the same quantized math in torch."""
+    pv = _fp8_pv(pv)
     fn = _triton(q, _attention_fp8, "attention_fp8")
     if fn is None or not fn.supports(q, k, v):
-        return _attention_fp8.attention_fp8_ref(q, k, v, kv_len=kv_len, scale=scale)
-    return fn(q, k, v, kv_len=kv_len, scale=scale)
+        return _attention_fp8.attention_fp8_ref(q, k, v, kv_len=kv_len, scale=scale, qk=qk, pv=pv)
+    return fn(q, k, v, kv_len=kv_len, scale=scale, qk=qk, pv=pv)
+
+
+def _fp8_pv(pv):
+    return os.environ.get("QIE_ATTN_FP8_PV", "fp8") if pv is None else pv
 
 
 def _fp8_candidate(q, k, v, causal, fp8):
