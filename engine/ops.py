@@ -5,7 +5,8 @@ baseline path in benchmarks); QIE_OPS=triton (default) uses a kernel wherever on
 QIE_OPS=interpret runs the kernels on CPU tensors under the Triton interpreter (the CI's model-level check).
 QIE_ATTENTION=triton keeps attention on our kernel (no timing against cuDNN; see attention()).
 QIE_ATTN_FP8=1 adds our fp8 attention kernel to attention()'s timed choice (off by default: accuracy);
-QIE_ATTN_FP8_PV=bf16 makes that kernel's P·V a bf16 dot (V not quantized, P not rounded to e4m3; default fp8).
+QIE_ATTN_FP8_PV=bf16 makes that kernel's P·V a bf16 dot (V not quantized, P not rounded to e4m3; default fp8);
+QIE_ATTN_FP8_QK=int8 gives it int8 Q/K codes (with PV=bf16: the SageAttention-1 recipe; default fp8).
 QIE_FP8_QUANT=torch quantizes the fp8 GEMMs' activations at the Linear in plain torch (the unfused baseline);
 by default (fused) the kernel producing a GEMM input emits it as FP8Rows where takes_fp8_rows() says so.
 """
@@ -52,11 +53,12 @@ def attention(q, k, v, kv_len=None, causal=False, scale=None, kv_host=None, fp8=
     if _cudnn_candidate(q, k, causal, kv_len, kv_host):
         cudnn = lambda: sdpa_rows(q, k, v, kv_host, scale, SDPBackend.CUDNN_ATTENTION)  # noqa: E731
     if _fp8_candidate(q, k, v, causal, fp8):
-        pv = _fp8_pv(None)
-        fp8_fn = lambda: _attention_fp8.attention_fp8(q, k, v, kv_len=kv_len, scale=scale, pv=pv)  # noqa: E731
+        pv, qk = _fp8_pv(None), os.environ.get("QIE_ATTN_FP8_QK", "fp8")
+        fp8_fn = lambda: _attention_fp8.attention_fp8(q, k, v, kv_len=kv_len, scale=scale, qk=qk, pv=pv)  # noqa: E731
     if cudnn is not None or fp8_fn is not None:
-        # bf16 keys stay as they were; the default fp8 kernel keeps "|fp8", another P·V is another candidate
-        key = _backend_key(q, k, kv_host) + ("" if fp8_fn is None else "|fp8" if pv == "fp8" else f"|fp8 pv {pv}")
+        # bf16 keys stay as they were; the default fp8 kernel keeps "|fp8", another recipe is another candidate
+        variant = "" if fp8_fn is None else "|fp8" if (qk, pv) == ("fp8", "fp8") else f"|{qk} pv {pv}"
+        key = _backend_key(q, k, kv_host) + variant
         choice = _fastest(key, ours, cudnn, fp8=fp8_fn)
         if choice == "cudnn":
             return cudnn()

@@ -355,14 +355,16 @@ def test_gpu_ops_attention_times_fp8_when_asked(tmp_path, monkeypatch):
 
 
 @gpu
-def test_gpu_ops_attention_times_fp8_pv_bf16_when_asked(tmp_path, monkeypatch):
-    """QIE_ATTN_FP8_PV=bf16: the timed fp8 candidate is the bf16-P·V kernel, under its own key."""
+@pytest.mark.parametrize("qk", ["fp8", "int8"])
+def test_gpu_ops_attention_times_fp8_pv_bf16_when_asked(tmp_path, monkeypatch, qk):
+    """QIE_ATTN_FP8_PV=bf16 (and QIE_ATTN_FP8_QK): the timed fp8 candidate is that recipe, under its own key."""
     monkeypatch.setenv("QIE_ATTN_FP8_PV", "bf16")
+    monkeypatch.setenv("QIE_ATTN_FP8_QK", qk)
     monkeypatch.setattr(ops, "_BACKENDS", {})
     monkeypatch.setattr(ops, "_BACKENDS_PATH", [None])
     q, k, v, kv_len, _, _, rows, ref = _real(4096 + 430, 4096 + 230)
     out = ops.attention(q, k, v, kv_len=kv_len, kv_host=[4096 + 230], fp8=True)
-    assert _rel(out[:, rows], ref) <= bound("fp8", "bf16", v_exact=True, out=BF16_OUT)
+    assert _rel(out[:, rows], ref) <= bound(qk, "bf16", v_exact=True, out=BF16_OUT)
     (key, choice), = ops._BACKENDS.items()
-    assert key.endswith("|fp8 pv bf16") and choice in ("ours", "cudnn", "fp8")
+    assert key.endswith(f"|{qk} pv bf16") and choice in ("ours", "cudnn", "fp8")
     print("chosen with fp8 pv=bf16:", ops._BACKENDS)
