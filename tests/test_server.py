@@ -480,6 +480,10 @@ def test_vram_plan_for_serving(text_snapshot):
     assert areas[0] < areas[1] < areas[2] == top
     side = math.isqrt(areas[1])
     assert serve_plan(text_snapshot, int(1.5 * GiB), "float32", (side + 16) ** 2)[1] == areas[1]  # the largest
+    # fp8 block Linears are planned at 1 byte (+ scales), not at the model dtype's 4
+    wide, _ = serve_plan(text_snapshot, 8 * GiB, "float32", top)
+    narrow, _ = serve_plan(text_snapshot, 8 * GiB, "float32", top, fp8=True)
+    assert narrow.peaks["denoise"] < wide.peaks["denoise"]
 
 
 def test_host_and_origin_checked(served):

@@ -73,9 +73,10 @@ def prepare(args):
     if args.vram:
         if args.device != "cuda":
             raise LoadError("--vram plans GPU memory; use it with --device cuda")
-        from engine.pipelines.budget import resolve_budget
+        from engine.pipelines.budget import fp8_blocks, resolve_budget
         from engine.server.plan import serve_plan, summary
-        plan, max_pixels = serve_plan(args.model, resolve_budget(args.vram), args.dtype, args.max_pixels)
+        plan, max_pixels = serve_plan(args.model, resolve_budget(args.vram), args.dtype, args.max_pixels,
+                                      fp8=fp8_blocks(args))
         why = f"what --vram {args.vram} fits"
         print(summary(plan, max_pixels), file=sys.stderr)
     worker = Worker(args.model, args.device, args.dtype, loras, args.transformer, plan, args.queue,
