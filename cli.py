@@ -31,6 +31,7 @@ def _add_run_args(p):
                    help="the transformer's block Linears: fp8 (float8_e4m3fn, one scale per output channel; a bf16 "
                         "checkpoint is quantized on load, after LoRA fusion) or bf16 (an fp8 file is dequantized to "
                         "--dtype on load); default: what the checkpoint holds")
+    _add_text_weights(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--width", type=int, default=None, help="output width (default: the ~1 MP condition size)")
     p.add_argument("--height", type=int, default=None)
@@ -42,6 +43,12 @@ def _add_run_args(p):
                    help="with a budget: auto (as many blocks resident as fit), stream (fewest), none (all resident)")
     p.add_argument("--out", required=False)
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+
+
+def _add_text_weights(p):
+    p.add_argument("--text-weights", choices=["bf16", "fp8"], default=None,
+                   help="the text encoder's language-model Linears: fp8 (quantized on load, one scale per output "
+                        "channel; half their memory) or as the checkpoint holds them (default)")
 
 
 def _cuda():
@@ -97,7 +104,8 @@ def _encode(model_dir, images, args, plan=None):
     t0 = time.perf_counter()
     use_negative = args.negative_prompt is not None and getattr(args, "cfg", 2.0) > 1
     prompts = [args.prompt] + ([args.negative_prompt] if use_negative else [])
-    rows = encode_text(model_dir, images, prompts, device=args.device, dtype=_dtype(args), plan=plan)
+    rows = encode_text(model_dir, images, prompts, device=args.device, dtype=_dtype(args), plan=plan,
+                       text_weights=getattr(args, "text_weights", None))
     tensors = inputs.rows_to_tensors(rows)
     print(f"encoded {len(prompts)} prompt(s): {[r[0].shape[1] for r in rows]} tokens "
           f"({time.perf_counter() - t0:.2f}s)", file=sys.stderr)
@@ -181,7 +189,8 @@ def cmd_batch(args):
     text = [i for i, t in enumerate(tensors) if t is None]
     if text:
         prompts = [[jobs[i].prompt] + ([jobs[i].negative_prompt] if jobs[i].cfg > 1 else []) for i in text]
-        encoded = encode_texts(args.model, [(images[i], p) for i, p in zip(text, prompts)], args.device, _dtype(args))
+        encoded = encode_texts(args.model, [(images[i], p) for i, p in zip(text, prompts)], args.device, _dtype(args),
+                               text_weights=args.text_weights)
         for i, rows in zip(text, encoded):
             tensors[i] = inputs.rows_to_tensors(rows)
     for loras in dict.fromkeys(j.loras for j in jobs):
@@ -336,7 +345,8 @@ def cmd_layers(args):
         print(f"caption ({len(ids)} tokens, {time.perf_counter() - t0:.2f}s): {args.prompt}", file=sys.stderr)
         t0 = time.perf_counter()
     prompts = [args.prompt] + ([args.negative_prompt] if use_negative else [])
-    rows = encode_text(args.model, [], prompts, device=args.device, dtype=_dtype(args), plan=plan)
+    rows = encode_text(args.model, [], prompts, device=args.device, dtype=_dtype(args), plan=plan,
+                       text_weights=args.text_weights)
     print(f"encoded {len(prompts)} prompt(s): {[r[0].shape[1] for r in rows]} tokens "
           f"({time.perf_counter() - t0:.2f}s)", file=sys.stderr)
     models = layered.load_layered(args.model, args.device, _dtype(args), plan, loras, args.transformer, args.weights)
@@ -487,6 +497,7 @@ def build_parser():
     y.add_argument("--transformer", metavar="FILE.safetensors", help="the transformer from one file (bf16 or fp8)")
     y.add_argument("--weights", choices=["bf16", "fp8"], default=None,
                    help="block Linears in fp8 (quantized on load) or bf16 (default: what the checkpoint holds)")
+    _add_text_weights(y)
     y.add_argument("--vram", help="VRAM budget, e.g. 16GiB: plan which blocks stay resident and stream the rest")
     y.add_argument("--offload", choices=["auto", "none", "stream"],
                    help="with --vram: auto (as many resident blocks as fit), stream (the least VRAM), none")
@@ -505,6 +516,7 @@ def build_parser():
     c.add_argument("--cfg", type=float, default=4.0, help="1: no negative prompt is encoded")
     c.add_argument("--device", default="cuda" if _cuda() else "cpu", choices=["cpu", "cuda"])
     c.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    _add_text_weights(c)
     c.add_argument("--out", required=True, help="output .safetensors")
     c.add_argument("--force", action="store_true")
     c.set_defaults(fn=cmd_encode)

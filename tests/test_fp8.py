@@ -23,6 +23,7 @@ from .conftest import make_transformer, write_snapshot
 from .test_lora import layout, linear_shapes, random_lora
 from .test_mmdit import ours_from, run_pair
 from .test_single_file import COMFY, fail
+from .test_pipeline_text import text_snapshot  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SEED, LAYERS = 31, 2
@@ -476,3 +477,45 @@ def test_mixed_blocks_refused_under_a_plan(tmp_path):
     load_models(root, "cpu", "float32", transformer_file=tmp_path / "mixed.safetensors")
     load_models(root, "cpu", "float32", plan=dataclasses.replace(plan, mmdit_resident=0), weights="fp8",
                 transformer_file=tmp_path / "mixed.safetensors")
+
+
+def test_text_encoder_fp8_is_its_dequantized_self(text_snapshot, tmp_path):
+    """--text-weights fp8: the language model's 7 Linears per layer become FP8Linear (the vision tower stays); the
+    prompt embeddings equal those of the same model holding the dequantized weights in plain Linears (the CPU runs
+    the dequantized math) and differ from the unquantized model's by fp8 error only; `encode --text-weights fp8`
+    writes exactly those embeddings."""
+    import cli
+    from engine.models.text_encoder import load_text_encoder
+    from engine.pipelines.text import encode_text, run_text_encoder
+    from engine.text.processor import load_processor
+    from engine.transforms.fp8 import TEXT_LINEARS, FP8Linear, quantize_text_encoder_fp8
+    from loaders import Snapshot, read_tensors
+    from PIL import Image
+
+    from tests.test_processor import random_image
+    snap = Snapshot(text_snapshot)
+    image = random_image(64, 48, seed=3)
+    prompts = ["make the sky green", " "]
+    te = load_text_encoder(snap, torch.float32, "cpu")
+    assert quantize_text_encoder_fp8(te) == len(te.layers) * len(TEXT_LINEARS)
+    assert not any(isinstance(m, FP8Linear) for m in te.visual.modules())
+    ref, plain = (load_text_encoder(snap, torch.float32, "cpu") for _ in range(2))
+    for name, m in te.named_modules():
+        if isinstance(m, FP8Linear):     # the same layer as a plain Linear over the dequantized weight
+            ref.get_submodule(name).weight = nn.Parameter(m.dequantized(torch.float32), requires_grad=False)
+    processor = load_processor(snap)
+    got, want, base = (run_text_encoder(processor, m, [(image, prompts)], "cpu")[0] for m in (te, ref, plain))
+    for (g, gm), (w, wm), (b, _) in zip(got, want, base):
+        assert torch.equal(gm, wm) and torch.equal(g, w)
+        moved = ((g - b).norm() / b.norm()).item()
+        assert 1e-4 < moved < 0.1, moved
+    rows = encode_text(text_snapshot, image, prompts, text_weights="fp8")
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(rows, got))
+    image.save(tmp_path / "in.png")
+    common = ["encode", "--model", str(text_snapshot), "--image", str(tmp_path / "in.png"), "--prompt", prompts[0],
+              "--device", "cpu"]
+    assert cli.main(common + ["--text-weights", "fp8", "--out", str(tmp_path / "q.safetensors")]) == 0
+    assert cli.main(common + ["--out", str(tmp_path / "b.safetensors")]) == 0
+    q, b = read_tensors(tmp_path / "q.safetensors"), read_tensors(tmp_path / "b.safetensors")
+    want_q = encode_text(text_snapshot, Image.open(tmp_path / "in.png"), prompts, text_weights="fp8")
+    assert torch.equal(q["prompt_embeds"], want_q[0][0]) and not torch.equal(q["prompt_embeds"], b["prompt_embeds"])

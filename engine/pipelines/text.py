@@ -2,7 +2,7 @@
 import torch
 from PIL import Image
 
-from loaders import Snapshot, torch_dtype
+from loaders import LoadError, Snapshot, torch_dtype
 
 from engine.pipelines import pipeline_for
 from engine.pipelines.edit import SPEC as EDIT
@@ -10,16 +10,18 @@ from engine.vram.offload import move_except, stream_blocks
 
 
 def encode_text(model_dir, images, prompts, device="cpu", dtype="float32", area=1024 * 1024, resize="pil",
-                plan=None):
+                plan=None, text_weights=None):
     """Prompts -> list of ([1, L_i, D] embeddings, [1, L_i] mask), one per prompt, from the snapshot's
     text_encoder/ + processor/. images: one PIL image or a list (the pipeline's template names them in
     order); the VL model sees each at the pipeline's size. The text encoder is loaded for this call only
     and freed afterwards (it is ~16 GB in bf16); with a plan, its layers beyond the plan's resident counts
-    stream from pinned host memory."""
-    return encode_texts(model_dir, [(images, prompts)], device, dtype, area, resize, plan)[0]
+    stream from pinned host memory. text_weights="fp8": the language model's layer Linears quantized to
+    float8_e4m3fn on load (engine.transforms.fp8.quantize_text_encoder_fp8); None/"bf16": as the checkpoint."""
+    return encode_texts(model_dir, [(images, prompts)], device, dtype, area, resize, plan, text_weights)[0]
 
 
-def encode_texts(model_dir, jobs, device="cpu", dtype="float32", area=1024 * 1024, resize="pil", plan=None):
+def encode_texts(model_dir, jobs, device="cpu", dtype="float32", area=1024 * 1024, resize="pil", plan=None,
+                 text_weights=None):
     """encode_text for many (images, prompts) jobs with one load of the text encoder."""
     from engine.models.text_encoder import load_text_encoder
     from engine.text.processor import load_processor
@@ -28,6 +30,11 @@ def encode_texts(model_dir, jobs, device="cpu", dtype="float32", area=1024 * 102
     snap.require("text_encoder")
     processor = load_processor(snap, resize=resize)
     te = load_text_encoder(snap, torch_dtype(dtype), "cpu" if plan is not None else device)
+    if text_weights == "fp8":
+        from engine.transforms.fp8 import quantize_text_encoder_fp8
+        quantize_text_encoder_fp8(te, compute_device=device)    # float32 work per layer on `device`
+    elif text_weights not in (None, "bf16"):
+        raise LoadError(f"unknown text weights {text_weights!r}; use bf16 or fp8")
     try:
         return run_text_encoder(processor, te, jobs, device, area, plan, spec)
     finally:

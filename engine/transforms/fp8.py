@@ -107,9 +107,27 @@ def quantize_fp8(model, compute_device=None):
     model): scale = amax(|W| per output row) / 448, W / scale rounded to e4m3fn. The arithmetic runs in float32 on
     `compute_device` (default: where each weight lives); the fp8 weight goes back where the weight was. Layers that
     are FP8Linear already are left as they are. Returns the number of layers quantized."""
+    return quantize_linears(model, fp8_layer_names(len(model.transformer_blocks)), compute_device)
+
+
+# the Qwen2.5-VL language model's per-token Linears (attention and SwiGLU MLP of each decoder layer); the
+# vision tower, the embeddings, the final norm and the LM head stay in the model dtype
+TEXT_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                "mlp.up_proj", "mlp.down_proj")
+
+
+def quantize_text_encoder_fp8(text_encoder, compute_device=None):
+    """--text-weights fp8: the language model's layer Linears to float8_e4m3fn with one scale per output channel
+    (quantize_fp8's rule and in-place swap). Returns the number of layers quantized."""
+    names = [f"layers.{i}.{n}" for i in range(len(text_encoder.layers)) for n in TEXT_LINEARS]
+    return quantize_linears(text_encoder, names, compute_device)
+
+
+def quantize_linears(model, names, compute_device=None):
+    """The Linears `names` of `model` swapped for FP8Linears, one at a time (see quantize_fp8)."""
     n = 0
     with torch.no_grad():
-        for name in fp8_layer_names(len(model.transformer_blocks)):
+        for name in names:
             old = model.get_submodule(name)
             if isinstance(old, FP8Linear):
                 continue
