@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .safetensors_io import LoadError, _weight_files
+from .safetensors_io import LoadError, _weight_files, check_index
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -109,11 +109,7 @@ def tensor_index(folder):
         if infos is None:
             return None
         index.update(infos)
-    if weight_map is not None:
-        absent = [k for k in weight_map if k not in index]
-        if absent:
-            raise LoadError(f"{folder}: {len(absent)} tensor(s) listed in the index are not in the shards, "
-                            f"e.g. {absent[0]}; re-download the snapshot")
+    check_index(folder, weight_map, index)
     return index
 
 

@@ -84,12 +84,16 @@ def load_state_dict(folder, dtype=None, device="cpu", keep_fp32=(), reader=None)
             size = path.stat().st_size if path.exists() else 0
             raise LoadError(f"cannot read {path} ({size} bytes): {str(e).splitlines()[0]}; "
                             "the file is truncated or corrupt, re-download it") from None
-    if weight_map is not None:
-        absent = [k for k in weight_map if k not in state]
-        if absent:
-            raise LoadError(f"{folder}: {len(absent)} tensor(s) listed in the index are not in the shards, "
-                            f"e.g. {absent[0]}; re-download the snapshot")
+    check_index(folder, weight_map, state)
     return state
+
+
+def check_index(folder, weight_map, found):
+    """Every key the shard index (weight_map, or None without one) lists is among `found`, else one line."""
+    absent = [k for k in weight_map or () if k not in found]
+    if absent:
+        raise LoadError(f"{folder}: {len(absent)} tensor(s) listed in the index are not in the shards, "
+                        f"e.g. {absent[0]}; re-download the snapshot")
 
 
 def read_tensors(path):

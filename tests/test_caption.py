@@ -13,10 +13,8 @@ from engine.models.decode import generation_settings, greedy_decode
 from engine.models.text_encoder import load_text_encoder
 from engine.pipelines import layered as lay
 from engine.pipelines.text import encode_text
-from tests.test_layered import SMALL_AREA, make_rgba_vae, reference_pipeline, rgba_image
-from tests.conftest import make_transformer, write_snapshot
+from tests.test_layered import SMALL_AREA, reference_pipeline, rgba_image, write_layered_snapshot
 from tests.test_processor import reference_processor, write_image_config, write_tokenizer_folders
-from tests.test_text_encoder import redraw, tiny_config
 
 GENERATION = {"bos_token_id": 151643, "pad_token_id": 151643, "do_sample": True, "eos_token_id": [151645, 151643],
               "repetition_penalty": 1.05, "temperature": 0.1, "top_p": 0.001, "top_k": 1}
@@ -24,16 +22,8 @@ GENERATION = {"bos_token_id": 151643, "pad_token_id": 151643, "do_sample": True,
 
 @pytest.fixture(scope="module")
 def snapshot(tmp_path_factory, one_thread):
-    from transformers import Qwen2_5_VLForConditionalGeneration
-    te = redraw(Qwen2_5_VLForConditionalGeneration(tiny_config())).eval()
-    root = tmp_path_factory.mktemp("caption")
-    write_snapshot(root, make_transformer(seed=9, joint_attention_dim=te.config.text_config.hidden_size,
-                                          use_additional_t_cond=True, use_layer3d_rope=True), make_rgba_vae(10))
-    (root / "model_index.json").write_text(json.dumps({"_class_name": "QwenImageLayeredPipeline"}))
-    te.save_pretrained(root / "text_encoder")
+    root = write_layered_snapshot(tmp_path_factory.mktemp("caption"))
     (root / "text_encoder" / "generation_config.json").write_text(json.dumps(GENERATION))
-    json_folder, _ = write_tokenizer_folders(root / "tok")
-    json_folder.rename(root / "tokenizer")
     write_tokenizer_folders(root / "tok2")[0].rename(root / "processor")
     write_image_config(root / "processor", legacy=False)
     return root

@@ -42,9 +42,14 @@ def make_rgba_vae(seed):
 
 @pytest.fixture(scope="module")
 def snapshot(tmp_path_factory, one_thread):
+    return write_layered_snapshot(tmp_path_factory.mktemp("layered"))
+
+
+def write_layered_snapshot(root):
+    """A tiny QwenImageLayeredPipeline snapshot in `root`: layer3d/additional_t_cond transformer, RGBA VAE,
+    Qwen2.5-VL text encoder, the real tokenizer. Returns root."""
     from transformers import Qwen2_5_VLForConditionalGeneration
     te = redraw(Qwen2_5_VLForConditionalGeneration(tiny_config())).eval()
-    root = tmp_path_factory.mktemp("layered")
     write_snapshot(root, make_transformer(seed=9, joint_attention_dim=te.config.text_config.hidden_size,
                                           use_additional_t_cond=True, use_layer3d_rope=True), make_rgba_vae(10))
     (root / "model_index.json").write_text(json.dumps({"_class_name": "QwenImageLayeredPipeline"}))

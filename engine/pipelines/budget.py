@@ -19,10 +19,8 @@ def edit_job(model_dir, images, width, height, cfg_batch, text_encoder, dtype, a
     """(engine.vram.memory.Job, ModelSizes) of one edit of `images` (PIL images or their (w, h) sizes) with
     the snapshot's configs. text_len / vl_tokens: the MMDiT text tokens and VL image tokens when known
     (prompt_lengths), else the Job's upper bounds."""
-    from engine.config import MMDiTConfig, VAEConfig
-    from engine.models.text_encoder import read_config
     from engine.text.processor import ImageConfig, smart_resize
-    from engine.vram.memory import Job, model_sizes_from_configs
+    from engine.vram.memory import Job
     snap = Snapshot(model_dir)
     spec = pipeline_for(snap)
     sizes = _sizes(images)
@@ -38,13 +36,20 @@ def edit_job(model_dir, images, width, height, cfg_batch, text_encoder, dtype, a
                                                      for w, h in spec.vl_sizes(sizes, area)))
     if text_len is not None and spec.max_text_tokens:
         text_len = min(text_len, spec.max_text_tokens)
-    text_cfg = read_config(snap.config("text_encoder")) if text_encoder else None
-    model_sizes = model_sizes_from_configs(MMDiTConfig.from_dict(snap.config("transformer")), text_cfg,
-                                           VAEConfig.from_dict(snap.config("vae")), torch_dtype(dtype).itemsize,
-                                           fp8=fp8)
+    model_sizes = snapshot_sizes(snap, text_encoder, dtype, fp8)
     job = Job(width or ow, height or oh, cw, ch, batch=cfg_batch, steps=steps, text_encoder=text_encoder,
               text_len=text_len, vl_tokens=vl_tokens, cond_tokens=sum((w // 16) * (h // 16) for w, h in vae_sizes))
     return job, model_sizes
+
+
+def snapshot_sizes(snap, text_encoder, dtype, fp8=False):
+    """engine.vram.memory.ModelSizes from a snapshot's configs (the text encoder's only when it will run)."""
+    from engine.config import MMDiTConfig, VAEConfig
+    from engine.models.text_encoder import read_config
+    from engine.vram.memory import model_sizes_from_configs
+    text_cfg = read_config(snap.config("text_encoder")) if text_encoder else None
+    return model_sizes_from_configs(MMDiTConfig.from_dict(snap.config("transformer")), text_cfg,
+                                    VAEConfig.from_dict(snap.config("vae")), torch_dtype(dtype).itemsize, fp8=fp8)
 
 
 def prompt_lengths(model_dir, images, prompts, area=1024 * 1024, resize="pil"):
@@ -244,13 +249,9 @@ def plan_job(model_dir, images, opts, text_encoder, cfg_batch, tensors=None):
 def layered_job(model_dir, width, height, layers, cfg_batch, dtype, steps=50, text_len=None, fp8=False):
     """(Job, ModelSizes) of a Qwen-Image-Layered split worked at width x height: layers + 1 noisy frames and the
     condition frame in the MMDiT, a text-only prompt (no VL image tokens), one layer decoded at a time."""
-    from engine.config import MMDiTConfig, VAEConfig
-    from engine.models.text_encoder import read_config
-    from engine.vram.memory import Job, model_sizes_from_configs
+    from engine.vram.memory import Job
     snap = Snapshot(model_dir)
-    sizes = model_sizes_from_configs(MMDiTConfig.from_dict(snap.config("transformer")),
-                                     read_config(snap.config("text_encoder")), VAEConfig.from_dict(snap.config("vae")),
-                                     torch_dtype(dtype).itemsize, fp8=fp8)
+    sizes = snapshot_sizes(snap, True, dtype, fp8)
     job = Job(width, height, width, height, batch=cfg_batch, steps=steps, text_encoder=True,
               text_len=text_len or pipeline_for(snap).max_text_tokens, vl_tokens=0, frames=layers + 1)
     return job, sizes
