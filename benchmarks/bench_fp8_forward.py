@@ -63,10 +63,40 @@ def case_fns(case, ref, bf16, fp8):
                          timestep=t, img_shapes=[shapes] * B, return_dict=False)[0]
     if bf16 is None:
         return ref_fn, None, None
+    lens = lens.pin_memory()                             # its copy to the GPU can be captured (graphed)
     rope = bf16.rope(shapes, txt.shape[1], "cuda")
     mods = modulation_table(bf16, t[:1])[0]              # the same table serves both: modulation stays bf16
     ours = lambda m: (lambda: m(x, txt, lens, t, shapes, rope=rope, mods=mods))
     return ref_fn, ours(bf16), ours(fp8)
+
+
+def graphed(fn):
+    """fn replayed from a CUDA graph captured after two warm-up calls on a side stream (the forward's launches
+    recorded once): what the forward costs with no host work between kernels."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return lambda: (graph.replay(), out)[1]
+
+
+def host_profile(fn, top=20):
+    """The CPU side of one fn() call: the ops with the most self CPU time (us, calls), and the wall time."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
+    return {"wall_ms": 1000 * (time.perf_counter() - t0),
+            "ops": [[e.key, round(e.self_cpu_time_total), e.count] for e in rows]}
 
 
 def time_row(fn, case, warmup=1):
@@ -118,22 +148,30 @@ def main():
                 rows["ours_bf16"] = time_row(bf16_fn, case)
                 rows["ours_fp8"] = time_row(fp8_fn, case)
                 rows["ours_fp8_attention_fp8"] = with_env("QIE_ATTN_FP8", "1", lambda: time_row(fp8_fn, case))
+                for name, fn in (("ours_bf16_graph", bf16_fn), ("ours_fp8_graph", fp8_fn)):
+                    try:   # the same forward without host gaps: is the eager one waiting on Python?
+                        rows[name] = time_row(graphed(fn), case)
+                    except Exception as e:
+                        rows[name + "_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                    torch.cuda.synchronize()
                 want, got_bf16, got_fp8 = ref_fn().float(), bf16_fn().float(), fp8_fn().float()
                 got_fp8_attn = with_env("QIE_ATTN_FP8", "1", lambda: fp8_fn().float())
                 rows["rel_l2"] = {"ours_bf16_vs_diffusers": rel_l2(got_bf16, want),
                                   "ours_fp8_vs_ours_bf16": rel_l2(got_fp8, got_bf16),
                                   "ours_fp8_attn_fp8_vs_ours_bf16": rel_l2(got_fp8_attn, got_bf16)}
                 outputs[case] = want.cpu()
-                if case == "1024_b1":
-                    payload["profile_ours_fp8"] = kernel_breakdown(fp8_fn)
-                    payload["profile_ours_bf16"] = kernel_breakdown(bf16_fn)
-            for k in ("ours_bf16", "ours_fp8", "ours_fp8_attention_fp8"):
+                if case.startswith("1024"):
+                    rows["profile_ours_fp8"] = kernel_breakdown(fp8_fn)
+                    rows["profile_ours_bf16"] = kernel_breakdown(bf16_fn)
+                    rows["host_ours_fp8"] = host_profile(fp8_fn)
+                    rows["host_ours_bf16"] = host_profile(bf16_fn)
+            for k in [k for k in rows if k.startswith("ours_") and isinstance(rows[k], dict) and "ms" in rows[k]]:
                 rows[k]["vs_diffusers"] = rows[k]["ms"] / rows["diffusers"]["ms"]
         except Exception as e:
             traceback.print_exc()
             rows["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         write_json(args.out, payload)
-        print(case, rows, flush=True)
+        print(case, {k: v for k, v in rows.items() if not k.startswith(("profile", "host"))}, flush=True)
 
     # the fp8 model alone on the GPU: what a resident 1024² fp8 edit holds (modulation Linears on the host)
     try:
@@ -209,6 +247,11 @@ def main():
         for name, r in rows.items():
             if isinstance(r, dict) and "ms" in r:
                 print(f"{case:8s} {name:24s} {r['ms']:8.1f} ms  x{r['ms'] / base:.3f}  {r['tflops']:5.0f} TFLOP/s")
+        for name in ("ours_bf16", "ours_fp8"):
+            prof = rows.get(f"profile_{name}")
+            if prof and name in rows:
+                print(f"{case:8s} {name}: kernels {prof['kernel_ms']:.1f} ms of {rows[name]['ms']:.1f} ms wall "
+                      f"({sum(prof['launches'].values())} launches) {dict((k, round(v, 1)) for k, v in prof['ms'].items())}")
         print(f"{case:8s} rel L2 {rows.get('rel_l2')}  torchao vs bf16 "
               f"{rows.get('torchao_fp8_compiled', {}).get('rel_l2_vs_diffusers_bf16')}")
     print("fp8 resident 1024² B=2:", payload.get("fp8_resident_1024_b2"))

@@ -237,7 +237,8 @@ class MMDiT(nn.Module):
         txt = self.txt_in(self.txt_norm(txt))
         rope = rope if rope is not None else self.rope(img_shapes, L, x.device)
         mods = mods if mods is not None else self.modulations(temb)
-        kv_len = (N + txt_len).to(device=x.device, dtype=torch.int32, non_blocking=True)  # no sync from host
+        # no sync from host; from a pinned txt_len the copy is also capturable in a CUDA graph
+        kv_len = txt_len.to(device=x.device, non_blocking=True).to(torch.int32) + N
         # host copies of the lengths let ops choose an attention backend without waiting for the GPU
         kv_host = tuple(int(n) for n in (N + txt_len).tolist()) if txt_len.device.type == "cpu" else None
         f, h, w = img_shapes[0]
