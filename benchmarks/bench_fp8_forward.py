@@ -130,15 +130,26 @@ def main():
     ap.add_argument("--cases", default="1024_b1,1024_b2,4k_b1")
     ap.add_argument("--compiled", default="1024_b1,1024_b2")
     ap.add_argument("--no-torchao", action="store_true")
+    ap.add_argument("--diffusers-only", action="store_true",
+                    help="only diffusers: eager (the baseline), compiled and torchao fp8 compiled")
     args = ap.parse_args()
     cases = args.cases.split(",")
     payload = {"env": env_info(), "ceilings": {**ceilings(), "fp8_rowwise_tflops": fp8_ceiling()}, "cases": {}}
     ref = build_reference()
+    outputs = {}
+    if args.diffusers_only:
+        for case in cases:
+            ref_fn = case_fns(case, ref, None, None)[0]
+            with torch.inference_mode():
+                payload["cases"][case] = {"diffusers": time_row(ref_fn, case)}
+                outputs[case] = ref_fn().float().cpu()
+            print(case, payload["cases"][case], flush=True)
+        compiled_rows(args, payload, ref, cases, outputs)
+        return
     bf16, fp8, payload["quantize"] = ours_models(ref)
     from engine.transforms.fp8 import fp8_summary
     n, fp8_bytes, wide = fp8_summary(fp8)
     payload["fp8_layers"] = {"count": n, "gib": fp8_bytes / 2**30, "bf16_gib": wide / 2**30}
-    outputs = {}
     for case in cases:
         rows = payload["cases"].setdefault(case, {})
         try:
@@ -173,33 +184,31 @@ def main():
         write_json(args.out, payload)
         print(case, {k: v for k, v in rows.items() if not k.startswith(("profile", "host"))}, flush=True)
 
-    # the fp8 model alone on the GPU: what a resident 1024² fp8 edit holds (modulation Linears on the host)
+    # what a resident 1024² fp8 edit holds: the fp8 model's own weights (its tensors, counted once; the
+    # modulation Linears excluded: precomputed, then on the host) plus the forward's measured activation peak
     try:
-        _, _, fp8_fn = case_fns("1024_b2", ref, fp8, fp8)     # its modulation table made while img_mod is here
-        del bf16
-        ref.to("cpu")
-        for blk in fp8.transformer_blocks:
-            blk.img_mod.to("cpu")
-            blk.txt_mod.to("cpu")
-        gc.collect()
-        torch.cuda.empty_cache()
-        weights = torch.cuda.memory_allocated()
-        with torch.inference_mode():
-            torch.cuda.reset_peak_memory_stats()
-            fp8_fn()
-            torch.cuda.synchronize()
-        payload["fp8_resident_1024_b2"] = {"weights_gib": weights / 2**30,
-                                           "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
-        fp8.to("cpu")
-        gc.collect()
-        torch.cuda.empty_cache()
-        ref.to("cuda")
+        seen, weights = set(), 0
+        for name, t in fp8.state_dict().items():
+            if ".img_mod." in name or ".txt_mod." in name or t.untyped_storage().data_ptr() in seen:
+                continue
+            seen.add(t.untyped_storage().data_ptr())
+            weights += t.untyped_storage().nbytes()
+        act = payload["cases"].get("1024_b2", {}).get("ours_fp8", {}).get("activation_peak_gib")
+        payload["fp8_resident_1024_b2"] = {"weights_gib": weights / 2**30, "activation_peak_gib": act,
+                                           "peak_gib": None if act is None else weights / 2**30 + act}
     except Exception as e:
         traceback.print_exc()
         payload["fp8_resident_1024_b2"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     write_json(args.out, payload)
     print("fp8 resident", payload["fp8_resident_1024_b2"], flush=True)
+    del bf16, fp8
+    gc.collect()
+    torch.cuda.empty_cache()
+    compiled_rows(args, payload, ref, cases, outputs)
 
+
+def compiled_rows(args, payload, ref, cases, outputs):
+    """diffusers compile_repeated_blocks(fullgraph=True), then torchao fp8 rowwise compiled, on the cases asked."""
     compiled = [c for c in args.compiled.split(",") if c in cases and "error" not in payload["cases"][c]]
     if compiled:
         try:
@@ -236,7 +245,10 @@ def main():
             traceback.print_exc()
             payload["torchao_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     write_json(args.out, payload)
+    print_table(payload)
 
+
+def print_table(payload):
     c = payload["ceilings"]
     print(f"\n{payload['env']['gpu']}  bf16 {c['matmul_tflops']:.0f}  fp8 {c['fp8_rowwise_tflops']:.0f} TFLOP/s")
     for case, rows in payload["cases"].items():
@@ -244,7 +256,7 @@ def main():
             print(case, rows.get("error"))
             continue
         base = rows["diffusers"]["ms"]
-        for name, r in rows.items():
+        for name, r in list(rows.items()):
             if isinstance(r, dict) and "ms" in r:
                 print(f"{case:8s} {name:24s} {r['ms']:8.1f} ms  x{r['ms'] / base:.3f}  {r['tflops']:5.0f} TFLOP/s")
         for name in ("ours_bf16", "ours_fp8"):
