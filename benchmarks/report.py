@@ -7,6 +7,7 @@ from benchmarks.report_bench import bench_section
 from benchmarks.report_family import family_section, readme_family
 from benchmarks.report_fp8 import fp8_section
 from benchmarks.report_plus import plus_section, readme_plus
+from benchmarks.report_serve import readme_serve, serve_section
 
 HERE = Path(__file__).parent
 
@@ -159,6 +160,9 @@ def main():
         elif path.name.startswith("family_"):
             lines += family_section(path.name, d)
             update_readme(readme_family(d), "FAMILY")
+        elif path.name.startswith("serve_"):
+            lines += serve_section(path.name, d)
+            update_readme(readme_serve(d), "SERVE")
         elif path.name.startswith("vae_memory"):
             lines += _vae_memory(path.name, d)
         elif "benchmarks" in d and "machine_info" in d:   # pytest-benchmark JSON of benchmarks/test_bench_*.py

@@ -309,7 +309,11 @@ def test_gpu_attention_fp8_real_size(S, kv, tma, qk):
           f"({err / err_bf16:.1f}x), vs quantized reference {same:.2e}")
     assert err_bf16 <= 1e-2, err_bf16
     assert err <= FP8_BOUND, f"rel L2 {err:.3g} > {FP8_BOUND}"
-    assert same <= 3e-3, f"kernel vs its quantized reference: rel L2 {same:.3g}"
+    # Hopper's 8-bit wgmma adds its products with fewer bits than fp32 (~14); the reference sums in fp32.
+    # With both MMAs in e4m3 (fp8 Q·Kᵀ and fp8 P·V) that measured 5.8e-3 to 6.0e-3 on the H200 (2026-12-02);
+    # either one alone stays inside the bf16-rounding bound
+    hopper_fp8_both = qk == "fp8" and torch.cuda.get_device_capability() >= (9, 0)
+    assert same <= (8e-3 if hopper_fp8_both else 3e-3), f"kernel vs its quantized reference: rel L2 {same:.3g}"
 
 
 @gpu

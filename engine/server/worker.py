@@ -295,6 +295,9 @@ class Worker:
         try:
             png = self._edit(job.request, progress, job)
             state = "done"
+            # the stage times of this edit (what a request's latency is compared with)
+            print(f"job {job.id} done: " + " ".join(f"{k} {v:.3f}s" for k, v in self.models.timings.items()
+                                                    if k not in ("load", "warm_up")), file=self.log)
         except Cancelled:
             state, error = "cancelled", "the server is shutting down" if self._closing else "cancelled"
         except Exception as e:
@@ -315,8 +318,10 @@ class Worker:
         images = [decode_image(data, name) for data, name in zip(request.images, request.names)]
         opts = request.opts
         prompts = [request.prompt] + ([request.negative_prompt] if opts.cfg > 1 else [])
+        t0 = time.perf_counter()
         rows = run_text_encoder(self.processor, self.text_encoder, [(images, prompts)], self.device,
                                 plan=self.plan, spec=self.spec, streamed=self.plan is not None)[0]
+        self.models.timings["text_encode"] = time.perf_counter() - t0   # its rows come back on the host: synced
         tensors = inputs.rows_to_tensors(rows)
         if job is not None and job.cancel:
             raise Cancelled()
