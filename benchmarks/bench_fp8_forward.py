@@ -7,7 +7,8 @@ random weights:
 Cases: 1024² B=1 and B=2 (CFG rows of 360 and 300 text tokens) and 4K B=1 (benchmarks.bench_e2e's shapes); the
 compiled variants at 1024² only (a compile per shape costs minutes). Also: rel L2 of ours-fp8 vs ours-bf16 and
 torchao-fp8 vs diffusers-bf16 (same inputs, same weights), the fp8 model's resident VRAM at 1024² B=2, and where
-ours-fp8's forward time goes (kernel categories), the input of an RTX 4090 projection. Not run yet.
+ours-fp8's forward time goes (kernel categories), the input of an RTX 4090 projection; CUDA-graph
+replays of ours (no host gaps) and the host-side op profile unless --no-graph.
 Run on the device machine (torchao carried as a wheel):
     python -m benchmarks.bench_fp8_forward --out fp8.json [--cases 1024_b1,1024_b2,4k_b1] [--compiled 1024_b1,1024_b2]
 """
@@ -130,6 +131,7 @@ def main():
     ap.add_argument("--cases", default="1024_b1,1024_b2,4k_b1")
     ap.add_argument("--compiled", default="1024_b1,1024_b2")
     ap.add_argument("--no-torchao", action="store_true")
+    ap.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph rows and the host profiles")
     ap.add_argument("--diffusers-only", action="store_true",
                     help="only diffusers: eager (the baseline), compiled and torchao fp8 compiled")
     args = ap.parse_args()
@@ -159,7 +161,7 @@ def main():
                 rows["ours_bf16"] = time_row(bf16_fn, case)
                 rows["ours_fp8"] = time_row(fp8_fn, case)
                 rows["ours_fp8_attention_fp8"] = with_env("QIE_ATTN_FP8", "1", lambda: time_row(fp8_fn, case))
-                for name, fn in (("ours_bf16_graph", bf16_fn), ("ours_fp8_graph", fp8_fn)):
+                for name, fn in () if args.no_graph else (("ours_bf16_graph", bf16_fn), ("ours_fp8_graph", fp8_fn)):
                     try:   # the same forward without host gaps: is the eager one waiting on Python?
                         rows[name] = time_row(graphed(fn), case)
                     except Exception as e:
@@ -174,8 +176,9 @@ def main():
                 if case.startswith("1024"):
                     rows["profile_ours_fp8"] = kernel_breakdown(fp8_fn)
                     rows["profile_ours_bf16"] = kernel_breakdown(bf16_fn)
-                    rows["host_ours_fp8"] = host_profile(fp8_fn)
-                    rows["host_ours_bf16"] = host_profile(bf16_fn)
+                    if not args.no_graph:
+                        rows["host_ours_fp8"] = host_profile(fp8_fn)
+                        rows["host_ours_bf16"] = host_profile(bf16_fn)
             for k in [k for k in rows if k.startswith("ours_") and isinstance(rows[k], dict) and "ms" in rows[k]]:
                 rows[k]["vs_diffusers"] = rows[k]["ms"] / rows["diffusers"]["ms"]
         except Exception as e:
