@@ -78,8 +78,21 @@ def bench_quant(rows, copy_gbs):
         ("gelu_quantize 1 pass (16384)", lambda: Q8.gelu_quantize(h, block_k=16384), 12 * e + 4 * S),
         ("gelu_quantize 2 pass (2048)", lambda: Q8.gelu_quantize(h, block_k=2048), 12 * e + 4 * S),
     ]
+    # the launch parameters around the defaults: which the defaults should be on this GPU
+    for bk in (2048, 4096, 8192, 16384):
+        for nw in (4, 8, 16):
+            cases.append((f"sweep gelu_quantize block_k {bk} warps {nw}",
+                          lambda bk=bk, nw=nw: Q8.gelu_quantize(h, block_k=bk, num_warps=nw), 12 * e + 4 * S))
+    for br in (1, 2, 4, 8):
+        for nw in (2, 4, 8):
+            cases.append((f"sweep quantize block_r {br} warps {nw}",
+                          lambda br=br, nw=nw: Q8.quantize(x[0], block_r=br, num_warps=nw), 3 * e + 4 * S))
     for name, fn, nbytes in cases:
-        t = ms(fn)
+        try:
+            t = ms(fn)
+        except Exception as err:            # a sweep point that does not compile (registers) is skipped
+            print(f"{name}: {type(err).__name__}: {str(err)[:120]}")
+            continue
         rows.append({"section": "quant", "name": name, "ms": t, "gbs": nbytes / t / 1e6,
                      "frac_of_copy": nbytes / t / 1e6 / copy_gbs})
 

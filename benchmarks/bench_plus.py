@@ -143,9 +143,10 @@ def random_images(n, size=(1024, 1024), seed=5):
     return [Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)) for _ in range(n)]
 
 
-def whole_edit(ours_cfg_model, ref, vae_state):
+def whole_edit(ours_cfg_model, ref, vae_state, fp8=False):
     """A 2511 Lightning edit (4 steps, CFG 1) of two 1 MP images from prompt embeddings, ours per stage and
-    diffusers' pipeline, twice each (the first pays autotuning and cuDNN's plan choice)."""
+    diffusers' pipeline, twice each (the first pays autotuning and cuDNN's plan choice); fp8: then ours again
+    with fp8 block Linears (quantizes the model in place: run it last)."""
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline
 
     from engine import scheduler as sched
@@ -186,6 +187,18 @@ def whole_edit(ours_cfg_model, ref, vae_state):
         out["diffusers"].append({"total_s": time.perf_counter() - t0})
     diff = np.abs(np.asarray(img).astype(int) - np.asarray(want).astype(int))
     out["ours_vs_diffusers_pixels"] = {"max": int(diff.max()), "mean": float(diff.mean()), "size": img.size}
+    if fp8:   # the same edit with the block Linears quantized in place (--weights fp8 on load does the same)
+        from engine.transforms.fp8 import quantize_fp8
+        del pipe
+        out["fp8_layers"] = quantize_fp8(ours_cfg_model, compute_device="cuda")
+        out["ours_fp8"] = []
+        for _ in range(2):
+            models.timings.clear()
+            t0 = time.perf_counter()
+            img8 = edit(models, images, pe.cuda(), None, None, None, opts)
+            out["ours_fp8"].append({"total_s": time.perf_counter() - t0, **models.timings})
+        diff = np.abs(np.asarray(img8).astype(int) - np.asarray(img).astype(int))
+        out["ours_fp8_vs_ours_bf16_pixels"] = {"max": int(diff.max()), "mean": float(diff.mean())}
     return out
 
 
@@ -194,6 +207,7 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--lora-file", default="/tmp/bench_lora_r64.safetensors")
     ap.add_argument("--sections", default="forward,edit,lora", help="any of forward,profile,edit,lora")
+    ap.add_argument("--fp8", action="store_true", help="the whole edit also with fp8 block Linears (after lora)")
     args = ap.parse_args()
     sections = set(args.sections.split(","))
     payload = {"env": env_info(), "ceilings": ceilings(), "cases": {}}
@@ -216,7 +230,7 @@ def main():
             vae_meta = QwenImageVAE(VAEConfig())
         vae_state = random_state(vae_meta, seed=2, dest="cuda")
         try:
-            payload["edit"] = whole_edit(ours, ref, vae_state)
+            payload["edit"] = whole_edit(ours, ref, vae_state, fp8=args.fp8 and "lora" not in sections)
         except Exception as e:
             payload["edit"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         write_json(args.out, payload)
@@ -256,6 +270,8 @@ def main():
     if "ours" in e:
         print(f"2511 Lightning edit, 2 images: ours {e['ours'][-1]}, diffusers {e['diffusers'][-1]}, "
               f"pixels {e['ours_vs_diffusers_pixels']}")
+        if "ours_fp8" in e:
+            print(f"  with fp8 block Linears: {e['ours_fp8'][-1]}, vs ours bf16 pixels {e['ours_fp8_vs_ours_bf16_pixels']}")
     elif e:
         print("edit", e)
 

@@ -6,6 +6,7 @@ from benchmarks.report_kernels import e2e_section, kernels_section, readme_atten
 from benchmarks.report_bench import bench_section
 from benchmarks.report_family import family_section, readme_family
 from benchmarks.report_fp8 import fp8_section
+from benchmarks.report_fp8_forward import fp8_forward_section, readme_fp8_forward
 from benchmarks.report_plus import plus_section, readme_plus
 from benchmarks.report_serve import readme_serve, serve_section
 
@@ -146,7 +147,7 @@ def main():
              "are single steps (said there). Every ratio is against a baseline measured in the same run on the "
              "same GPU.", ""]
     readme = {}
-    offload = {}
+    offload, fp8 = {}, {}
     for path in sorted((HERE / "results").glob("*.json")):  # for README, the last file of each kind wins
         d = json.loads(path.read_text())
         if path.name.startswith("offload_"):
@@ -155,6 +156,8 @@ def main():
             lines += plus_section(path.name, d)
             if "ours_s" in d.get("lora", {}):     # the full run, not a profile-only one
                 update_readme(readme_plus(d), "PLUS")
+        elif path.name.startswith(("fp8_forward", "fp8_compiled")):   # paired below
+            fp8[path.name.split("_")[1]] = (path.name, d)
         elif path.name.startswith("fp8_kernels"):
             lines += fp8_section(path.name, d)
         elif path.name.startswith("family_"):
@@ -177,6 +180,10 @@ def main():
             extra = (memory.name, json.loads(memory.read_text())) if memory.exists() else None
             lines += kernels_section(path.name, d, extra)
             readme["kernels"] = readme_attention(d)
+    if "forward" in fp8:
+        (fn, f), (cn, c) = fp8["forward"], fp8.get("compiled", (None, None))
+        lines += fp8_forward_section(fn, f, c, cn)
+        update_readme(readme_fp8_forward(f, c, cn), "FP8")
     if "ours" in offload and "ref" in offload:
         (on, o), (rn, r) = offload["ours"], offload["ref"]
         lines += _offload(o, r, f"{on}` + `{rn}")

@@ -8,10 +8,13 @@ scales: the activation is quantized per token (its own float32 scale per row of 
 per output channel, and the GEMM multiplies both back in its epilogue, accumulating in float32. The reference is
 the dequantized matmul: W = W_q.float() · s_w[:, None] cast to x's dtype, then F.linear.
 
-The quantization rule (both operands): scale = amax(|row|) / 448 (448 = the largest finite e4m3fn), row / scale
-clamped to ±448 and rounded to nearest. e4m3fn keeps 3 mantissa bits, so a value in a normal binade is off by at
-most half a step: 2^-4 of itself; below 2^-6 (subnormals, step 2^-9) by at most 2^-10 absolute. In row units:
-|W - W_dq| <= max(2^-4 |W|, 2^-10 · amax / 448) <= 2^-4 · amax.
+The quantization rule (both operands): scale = amax(|row|) / 448 (448 = the largest finite e4m3fn), r = 1 / scale
+correctly rounded (torch.reciprocal, once per row), row · r clamped to ±448 and rounded to nearest. A multiply, not a
+division, per element: that keeps the kernels that quantize from registers (kernels/quant_fp8.py) memory-bound and
+bit-identical to this; row · r is within ~2^-23 (relative) of the exact row / scale. e4m3fn keeps 3 mantissa bits,
+so a value in a normal binade is off by at most half a step: 2^-4 of itself; below 2^-6 (subnormals, step 2^-9) by
+at most 2^-10 absolute. In row units: |W - W_dq| <= max(2^-4 |W|, 2^-10 · amax / 448) <= 2^-4 · amax (up to those
+float32 roundings).
 """
 import functools
 from typing import NamedTuple
@@ -50,10 +53,11 @@ class FP8Rows(NamedTuple):
 
 def quantize_rows(t):
     """t [R, C] (any float dtype) -> (q float8_e4m3fn [R, C], scale float32 [R]) with t ≈ q.float() · scale[:, None].
-    The scale never reaches zero (an all-zero row gets the smallest normal float32 and quantizes to zeros)."""
+    The scale never reaches zero (an all-zero row gets the smallest normal float32 and quantizes to zeros), so its
+    reciprocal (at most 2^126) is finite."""
     t = t.float()
     scale = (t.abs().amax(-1) / E4M3_MAX).clamp(min=torch.finfo(torch.float32).tiny)  # [R]
-    q = (t / scale[:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    q = (t * scale.reciprocal()[:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
     return q, scale
 
 

@@ -12,10 +12,12 @@ parameters are loaded once per program and the rows stream through HBM once.
 
 fp8 output (q_dtype=torch.float8_e4m3fn): instead of the normalised rows, their e4m3 quantization and one float32
 scale per token (FP8Rows, the input of an fp8 GEMM), computed from the registers holding the value the plain kernel
-would store, rounded to x's dtype first (kernels/quant_fp8.py: the rule). The float32-output mode (row / scale before
-the e4m3 rounding) equals quantize_rows' on the bf16 kernel's output bit for bit; the e4m3 compile does not quite:
-on the H200 (B=2, S=8552, C=3072) 18-25 of 52.5M values, one e4m3 step each, scales all equal — most likely the
-LayerNorm sums reduce in another order once Triton lays the registers out for a 1-byte store.
+would store, rounded to x's dtype first (kernels/quant_fp8.py: the rule; per element one multiply by the row's
+correctly rounded 1/scale). The float32-output mode (row · (1/scale) before the e4m3 rounding) equals
+quantize_rows' on the bf16 kernel's output bit for bit; the e4m3 compile does not quite: on the H200 (B=2, S=8552,
+C=3072) 18-25 of 52.5M values, one e4m3 step each, scales all equal (measured under the earlier rule, which divided
+each element) — most likely the LayerNorm sums reduce in another order once Triton lays the registers out for a
+1-byte store.
 """
 import os
 
@@ -52,7 +54,7 @@ def gated_residual_norm_modulate_ref(x, gate, y, shift, scale, split=None, eps=1
 try:
     import triton
     import triton.language as tl
-    from kernels.quant_fp8 import INV_E4M3_MAX, row_scale, scaled
+    from kernels.quant_fp8 import INV_E4M3_MAX, row_reciprocal, row_scale, scaled
     from kernels.fp8_linear import FP8Rows
 except ImportError:  # the references above still work; ops falls back to them
     triton = None
@@ -102,7 +104,7 @@ if triton is not None:
             if FP8:  # quantize what the plain kernel would store: out rounded to x's dtype
                 v = out.to(X.dtype.element_ty).to(tl.float32)
                 q_scale = row_scale(tl.max(tl.where(mask, tl.abs(v), 0.0), 1), inv_max, RECIP)
-                out = scaled(v, q_scale[:, None])
+                out = scaled(v, row_reciprocal(q_scale)[:, None])
                 tl.store(QSCALE + b64 * stride_qsb + rows, q_scale, mask=rows < row_end)
             tl.store(OUT + b64 * stride_ob + rows64 * stride_os + cols[None, :], out.to(OUT.dtype.element_ty),
                      mask=mask)
@@ -149,7 +151,7 @@ if triton is not None:
     def norm_modulate(x, shift, scale, split=None, eps=1e-6, q_dtype=None, reciprocal=None):
         """x [B, S, C] -> LayerNorm(x) * (1 + scale) + shift; shift/scale [B, C] or [B, 2, C] (set 1 from
         token `split` on). Output [B, S, C] contiguous in x's dtype; with q_dtype (torch.float8_e4m3fn, or
-        torch.float32 for tests: row / scale before the rounding) FP8Rows(q [B, S, C], scale [B, S], x.dtype).
+        torch.float32 for tests: row · (1/scale) before the rounding) FP8Rows(q [B, S, C], scale [B, S], x.dtype).
         reciprocal: the scale rule of torch on CUDA (True) or the CPU (False); default: x's device."""
         return _launch(x, None, None, shift, scale, split, eps, residual=False, norm=True, q_dtype=q_dtype,
                        reciprocal=reciprocal)[1]

@@ -42,7 +42,8 @@ def rel(a, b):
 def test_quantize_rows_error_bound():
     """e4m3fn keeps 3 mantissa bits: a value in a normal binade is off by at most half a step, 2^-4 of itself;
     below 2^-6 (subnormals, step 2^-9) by at most 2^-10. In a row scaled to amax 448 that is
-    |W - W_dq| <= max(2^-4 |W|, 2^-10 · scale) <= 2^-4 · amax, and random rows come close to it."""
+    |W - W_dq| <= max(2^-4 |W|, 2^-10 · scale) <= 2^-4 · amax (plus ~2^-23 |W| for the float32 roundings of
+    1/scale, W · (1/scale) and the dequantizing product), and random rows come close to it."""
     g = torch.Generator().manual_seed(0)
     w = torch.randn(67, 423, generator=g) * torch.logspace(-6, 4, 67)[:, None]  # rows from 1e-6 to 1e4
     w[5] = 0                                                                     # an all-zero row
@@ -56,13 +57,44 @@ def test_quantize_rows_error_bound():
     dq = k8.dequantize_rows(q, scale)
     err = (dq - w).abs()
     assert torch.isfinite(dq).all() and torch.equal(dq[5], torch.zeros(423))
-    bound = torch.maximum(2 ** -4 * w.abs(), 2 ** -10 * scale[:, None]) * (1 + 2 ** -20)
+    bound = torch.maximum(2 ** -4 * w.abs(), 2 ** -10 * scale[:, None]) * (1 + 2 ** -18)
     assert (err <= bound).all(), (err - bound).max()
     per_row = (err.amax(1) / amax.clamp(min=1e-30))[nz]
     assert per_row.max() <= 2 ** -4
     normal = w.abs() >= 2 ** -6 * scale[:, None]
     worst = (err[normal] / w.abs()[normal]).max().item()
     assert 0.05 < worst <= 2 ** -4, worst   # the bound is nearly reached: rounding really happened
+
+
+E4M3_MIDPOINTS = sorted({(1 + (2 * k + 1) / 16) * 2.0 ** e for e in range(-6, 9) for k in range(8)} |
+                        {(2 * k + 1) * 2.0 ** -10 for k in range(8)})   # normal and subnormal rounding boundaries
+
+
+def straddling_rows(device, amax=3.0):
+    """A row [amax, v_1 .. v_n] (float32 on `device`) whose v_i · (1/scale) and v_i / scale (scale: quantize_rows' on
+    that device) round to different e4m3 codes: the v_i lie within 16 float32 steps of e4m3 rounding midpoints
+    times the scale, where the two float32 results can fall on either side of one.
+    -> (row [1, 1 + n], row · (1/scale), row / scale), both clamped to ±448 as the rule clamps."""
+    scale = k8.quantize_rows(torch.tensor([[amax]], device=device))[1]
+    mids = torch.tensor([m for m in E4M3_MIDPOINTS if m < 448], device=device)
+    near = ((torch.cat([mids, -mids]) * scale).view(torch.int32)[:, None]
+            + torch.arange(-16, 17, device=device, dtype=torch.int32)).view(torch.float32).flatten()
+    codes = lambda t: t.clamp(-448, 448).to(E4M3).view(torch.uint8)  # noqa: E731
+    near = near[codes(near * scale.reciprocal()) != codes(near / scale)]
+    assert near.numel() >= 8, near.numel()   # (66 on the CPU for amax 3)
+    row = torch.cat([torch.tensor([amax], device=device), near])[None]
+    return row, (row * scale.reciprocal()).clamp(-448, 448), (row / scale).clamp(-448, 448)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_quantize_rows_multiplies_by_the_reciprocal(device):
+    """The rule is W · (1/scale) with 1/scale correctly rounded, not W / scale: on a row where the two round to
+    different e4m3 codes, quantize_rows gives the first's, and its scale is still amax / 448 as torch computes it."""
+    row, by_mul, by_div = straddling_rows(device)
+    q, scale = k8.quantize_rows(row)
+    assert torch.equal(scale, k8.quantize_rows(row[:, :1])[1])
+    assert torch.equal(q.view(torch.uint8), by_mul.to(E4M3).view(torch.uint8))
+    assert (q[:, 1:].view(torch.uint8) != by_div[:, 1:].to(E4M3).view(torch.uint8)).all()
 
 
 def test_fp8_linear_ref_is_the_dequantized_matmul_and_within_the_bound():
@@ -216,7 +248,8 @@ def test_lora_on_fp8_base_is_requantized_per_channel(tmp_path, ref):
         scale = w.abs().amax(1) / 448
         m = model.get_submodule(name)
         assert torch.equal(m.weight_scale, scale), name
-        assert torch.equal(m.weight.view(torch.uint8), (w / scale[:, None]).clamp(-448, 448).to(E4M3).view(torch.uint8))
+        want = (w * scale.reciprocal()[:, None]).clamp(-448, 448).to(E4M3)
+        assert torch.equal(m.weight.view(torch.uint8), want.view(torch.uint8))
         assert not torch.equal(m.weight_scale, s)   # new scales: the update moved every row's amax
     got = run_pair(ref, model, SHAPES, LENS, L, 2, seed=3)[0]
     assert torch.equal(got, run_pair(ref, dequantized_model(model), SHAPES, LENS, L, 2, seed=3)[0])
