@@ -260,7 +260,7 @@ def print_table(payload):
             continue
         base = rows["diffusers"]["ms"]
         for name, r in list(rows.items()):
-            if isinstance(r, dict) and "ms" in r:
+            if isinstance(r, dict) and isinstance(r.get("ms"), float):
                 print(f"{case:8s} {name:24s} {r['ms']:8.1f} ms  x{r['ms'] / base:.3f}  {r['tflops']:5.0f} TFLOP/s")
         for name in ("ours_bf16", "ours_fp8"):
             prof = rows.get(f"profile_{name}")

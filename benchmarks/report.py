@@ -152,12 +152,12 @@ def main():
         d = json.loads(path.read_text())
         if path.name.startswith("offload_"):
             offload["ours" if "runs" in d else "ref"] = (path.name, d)
+        elif path.name.startswith(("fp8_forward", "fp8_compiled", "plus_fp8")):   # paired below
+            fp8[path.name.split("_")[1].replace("fp8", "edit")] = (path.name, d)
         elif path.name.startswith("plus_"):
             lines += plus_section(path.name, d)
             if "ours_s" in d.get("lora", {}):     # the full run, not a profile-only one
                 update_readme(readme_plus(d), "PLUS")
-        elif path.name.startswith(("fp8_forward", "fp8_compiled")):   # paired below
-            fp8[path.name.split("_")[1]] = (path.name, d)
         elif path.name.startswith("fp8_kernels"):
             lines += fp8_section(path.name, d)
         elif path.name.startswith("family_"):
@@ -182,8 +182,9 @@ def main():
             readme["kernels"] = readme_attention(d)
     if "forward" in fp8:
         (fn, f), (cn, c) = fp8["forward"], fp8.get("compiled", (None, None))
-        lines += fp8_forward_section(fn, f, c, cn)
-        update_readme(readme_fp8_forward(f, c, cn), "FP8")
+        edit = fp8.get("edit")
+        lines += fp8_forward_section(fn, f, c, cn, edit)
+        update_readme(readme_fp8_forward(f, c, cn, edit), "FP8")
     if "ours" in offload and "ref" in offload:
         (on, o), (rn, r) = offload["ours"], offload["ref"]
         lines += _offload(o, r, f"{on}` + `{rn}")

@@ -32,7 +32,7 @@ def _cell(ms, ratio):
 
 
 def _target(value, limit):
-    return "—" if value is None else f"{value:.2f} ({'met' if value <= limit else 'missed'})"
+    return "—" if value is None else f"{value:.3f} ({'met' if value <= limit else 'missed'})"
 
 
 def table(d, compiled=None):
@@ -132,15 +132,32 @@ def projection(d, case="1024_b2"):
                 f"a 1024² edit: " + "; ".join(out) + "."]
 
 
-def readme_fp8_forward(d, compiled=None, compiled_name=None):
+def whole_edit(named):
+    """The 2511 Lightning edit line from bench_plus --sections edit --fp8 (name, payload), or nothing."""
+    if not named or "ours_fp8" not in named[1].get("edit", {}):
+        return []
+    name, d = named
+    e, env = d["edit"], d["env"]
+    bf16, fp8, ref = e["ours"][-1], e["ours_fp8"][-1], e["diffusers"][-1]
+    px = e["ours_fp8_vs_ours_bf16_pixels"]
+    return ["", f"Whole 2511 Lightning edit (`{name}`, {env['gpu']}, {env['date']}; two 1024² images, prompt embeddings "
+                f"of 430 tokens, 4 steps, CFG 1, second run of each): ours bf16 {bf16['total_s']:.2f} s (denoise "
+                f"{bf16['denoise']:.2f} s), ours with fp8 block Linears {fp8['total_s']:.2f} s (denoise "
+                f"{fp8['denoise']:.2f} s; {fp8['total_s'] / bf16['total_s']:.2f}× bf16), diffusers' pipeline "
+                f"{ref['total_s']:.2f} s ({fp8['total_s'] / ref['total_s']:.2f}×); fp8 vs bf16 image: max "
+                f"{px['max']}/255, mean {px['mean']:.4f}/255 (random weights)."]
+
+
+def readme_fp8_forward(d, compiled=None, compiled_name=None, edit=None):
     head = _env(d) + ". Full-size random bf16 weights shared by every variant; fp8 = the 720 block Linears in e4m3 " \
                      "with per-channel scales (ours: quantized on load; torchao: `Float8DynamicActivationFloat8" \
                      "WeightConfig(PerRow)`), activations per token. Each cell: ms (× diffusers eager of the same run)."
     if compiled:
         head += (f" The compiled and torchao columns come from a second run (`{compiled_name}`: {_env(compiled)}) "
                  "with its own eager baseline; ours / torchao divides the two runs' ratios.")
-    return [head, ""] + table(d, compiled) + [""] + accuracy(d, compiled) + resident(d) + profile(d) + projection(d)
+    return ([head, ""] + table(d, compiled) + [""] + accuracy(d, compiled) + resident(d) + profile(d)
+            + whole_edit(edit) + projection(d))
 
 
-def fp8_forward_section(name, d, compiled=None, compiled_name=None):
-    return [f"### fp8 forward, 60 blocks — `{name}`", ""] + readme_fp8_forward(d, compiled, compiled_name) + [""]
+def fp8_forward_section(name, d, compiled=None, compiled_name=None, edit=None):
+    return [f"### fp8 forward, 60 blocks — `{name}`", ""] + readme_fp8_forward(d, compiled, compiled_name, edit) + [""]

@@ -39,7 +39,12 @@ chunks of 4096:
 - pass 2 computes the GELU, rounds it, quantizes and stores it: one GELU per element, not two.
 The earlier kernel evaluated libdevice's tanhf twice per element and divided each: 416 us at [8552, 12288] on the
 H200 (19% of the copy speed); the whole row in registers (BLOCK_K = 16384, one pass) 535 us, chunks of 2048
-540 us, torch F.gelu + quantize_rows 1400 us. Not yet re-measured with this kernel.
+540 us, torch F.gelu + quantize_rows 1400 us. This kernel, same GPU and shape (2026-12-02): 140 us at 8 warps,
+125 us at 16 (the default now), 2.5 TB/s; quantize [8552, 3072] 88 us at the old 2 rows per program, 52 us at 8
+rows (the default now); the modulation kernels' fp8 output 87 / 99 us against 92 / 121 us with the divisions.
+In the 60-block forward at 1024² (B=1) the kernels outside GEMMs, attention and our norm/RoPE kernels (these
+quantizing ones, plus ~2 ms that bf16 has too) went from 32.8 to 12.4 ms (run before these two defaults
+changed; the forward has not run with them).
 
 Interpreter limits (TRITON_INTERPRET=1, triton 3.8): float32 -> bf16 rounds toward zero and float32 -> e4m3
 misrounds near the top of a binade, so CPU tests use fp16/fp32 inputs and q_dtype=torch.float32 (row · r clamped,
@@ -201,16 +206,18 @@ if triton is not None:
                              f"{tuple(x.shape)} strides {x.stride()}")
         x3 = x if x.dim() == 3 else x[None]
         B, S, K = x3.shape
-        if block_k is None:   # one pass up to 4096 wide; longer rows twice in 4096 chunks (measured on the
-            # earlier kernel: see above)
+        if block_k is None:   # one pass up to 4096 wide; longer rows twice in 4096 chunks (measured: above)
             block_k = min(triton.next_power_of_2(K), 4096)
         if _INTERPRET:
             block_k = min(block_k, triton.next_power_of_2(K))
         one_pass = block_k >= K
-        if block_r is None:   # ~8K elements per program (a 3072 row: 2 rows); long rows: 1
-            block_r = 2 if _INTERPRET else max(1, min(16, 8192 // block_k))
+        # swept on the H200 (2026-12-02, benchmarks/results/fp8_kernels_quant_h200.json): quantize [8552, 3072]
+        # fastest at 8 rows x 4096 and 8 warps (52 us; 2 rows: 78-88 us); gelu_quantize [8552, 12288] at
+        # 2 rows x 4096 and 16 warps (125 us; 8 warps 139 us). The launch parameters change no bits.
+        if block_r is None:   # plain: ~32K elements per program (a 3072 row: 8 rows); GELU: ~8K
+            block_r = 2 if _INTERPRET else max(1, min(16, (8192 if gelu else 32768) // block_k))
         if num_warps is None:
-            num_warps = 16 if block_r * block_k >= 16384 else 8 if block_r * block_k >= 8192 else 4
+            num_warps = 16 if gelu and block_r * block_k >= 8192 else 8 if block_r * block_k >= 8192 else 4
         if max_x is None:     # the max-x pass 1 holds for 16-bit inputs only (see gelu_quantize above)
             max_x = x.element_size() == 2
         q = torch.empty((B, S, K), dtype=q_dtype, device=x.device)
