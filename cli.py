@@ -48,7 +48,18 @@ def _add_run_args(p):
 def _add_text_weights(p):
     p.add_argument("--text-weights", choices=["bf16", "fp8"], default=None,
                    help="the text encoder's language-model Linears: fp8 (quantized on load, one scale per output "
-                        "channel; half their memory) or as the checkpoint holds them (default)")
+                        "channel; half their memory), bf16 (an fp8 --text-encoder file dequantized to --dtype on "
+                        "load) or as the checkpoint holds them (default)")
+    p.add_argument("--text-encoder", metavar="FILE.safetensors",
+                   help="the text encoder's weights from one file (ComfyUI's split_files/text_encoders: "
+                        "qwen_2.5_vl_7b.safetensors or qwen_2.5_vl_7b_fp8_scaled.safetensors) instead of the "
+                        "snapshot's text_encoder/*.safetensors; the snapshot still gives its config, tokenizer and "
+                        "processor")
+
+
+def _say(notes):
+    for line in notes:
+        print(f"note: {line}", file=sys.stderr)
 
 
 def _cuda():
@@ -104,8 +115,11 @@ def _encode(model_dir, images, args, plan=None):
     t0 = time.perf_counter()
     use_negative = args.negative_prompt is not None and getattr(args, "cfg", 2.0) > 1
     prompts = [args.prompt] + ([args.negative_prompt] if use_negative else [])
+    notes = []
     rows = encode_text(model_dir, images, prompts, device=args.device, dtype=_dtype(args), plan=plan,
-                       text_weights=getattr(args, "text_weights", None))
+                       text_weights=getattr(args, "text_weights", None),
+                       text_encoder_file=getattr(args, "text_encoder", None), notes=notes)
+    _say(notes)
     tensors = inputs.rows_to_tensors(rows)
     print(f"encoded {len(prompts)} prompt(s): {[r[0].shape[1] for r in rows]} tokens "
           f"({time.perf_counter() - t0:.2f}s)", file=sys.stderr)
@@ -183,14 +197,19 @@ def cmd_batch(args):
     inputs.check_transformer(args.transformer, args.model)
     images = [inputs.read_images(j.images, args.model) for j in jobs]
     tensors = [inputs.read_embeds(j.prompt_embeds) if getattr(j, "prompt_embeds", None) else None for j in jobs]
+    if any(t is None for t in tensors):
+        inputs.check_text_encoder(args.text_encoder, args.model)
     for j, ims, t in zip(jobs, images, tensors):
         j.device, j.dtype, j.vram, j.offload = args.device, args.dtype, None, None
+        j.text_weights, j.text_encoder = args.text_weights, args.text_encoder     # for the plan and the PNG text
         _check_fits(args.model, ims, j, text_encoder=t is None, cfg_batch=2 if j.cfg > 1 else 1, tensors=t)
     text = [i for i, t in enumerate(tensors) if t is None]
     if text:
         prompts = [[jobs[i].prompt] + ([jobs[i].negative_prompt] if jobs[i].cfg > 1 else []) for i in text]
+        notes = []
         encoded = encode_texts(args.model, [(images[i], p) for i, p in zip(text, prompts)], args.device, _dtype(args),
-                               text_weights=args.text_weights)
+                               text_weights=args.text_weights, text_encoder_file=args.text_encoder, notes=notes)
+        _say(notes)
         for i, rows in zip(text, encoded):
             tensors[i] = inputs.rows_to_tensors(rows)
     for loras in dict.fromkeys(j.loras for j in jobs):
@@ -254,6 +273,10 @@ def cmd_edit(args):
     loras = inputs.read_loras(args.lora, args.model)
     inputs.check_transformer(args.transformer, args.model)
     tensors = inputs.read_embeds(args.prompt_embeds) if args.prompt_embeds else None
+    if tensors is None:
+        inputs.check_text_encoder(args.text_encoder, args.model)
+    elif args.text_encoder or args.text_weights:
+        _say(["--text-encoder/--text-weights are not used: --prompt-embeds brings the embeddings"])
     cfg_batch = 2 if args.cfg > 1 and (tensors is None or "negative_prompt_embeds" in tensors) else 1
     if world is not None:
         world.inputs_ready(cfg_batch)       # the other ranks start loading
@@ -281,6 +304,7 @@ def cmd_generate(args):
         raise _input_error("QwenImageLayeredPipeline splits an image into layers: use `cli.py layers --image IN.png`")
     loras = inputs.read_loras(args.lora, args.model)
     inputs.check_transformer(args.transformer, args.model)
+    inputs.check_text_encoder(args.text_encoder, args.model)
     cfg_batch = 2 if args.cfg > 1 else 1
     plan = _plan(args.model, [], args, text_encoder=True, cfg_batch=cfg_batch)
     tensors = _encode(args.model, [], args, plan)
@@ -320,6 +344,7 @@ def cmd_layers(args):
         print(f"note: {note}", file=sys.stderr)
     loras = inputs.read_loras(args.lora, args.model)
     inputs.check_transformer(args.transformer, args.model)
+    inputs.check_text_encoder(args.text_encoder, args.model)
     captioning = args.prompt is None or not args.prompt.strip()
     use_negative = args.negative_prompt is not None and args.cfg > 1
     w, h = condition_size(*image.size, args.resolution ** 2)
@@ -338,15 +363,20 @@ def cmd_layers(args):
         raise _input_error(f"cannot make --out-dir {out_dir}: {e.strerror}") from None
     t0 = time.perf_counter()
     if captioning:      # as the reference: caption the image first
+        notes = []
         args.prompt, ids = layered.caption_image(args.model, image, args.use_en_prompt, opts, args.device,
-                                                 _dtype(args))
+                                                 _dtype(args), text_weights=args.text_weights,
+                                                 text_encoder_file=args.text_encoder, notes=notes)
+        _say(notes)
         if not args.prompt:
             raise _input_error("the automatic caption came out empty; give --prompt")
         print(f"caption ({len(ids)} tokens, {time.perf_counter() - t0:.2f}s): {args.prompt}", file=sys.stderr)
         t0 = time.perf_counter()
     prompts = [args.prompt] + ([args.negative_prompt] if use_negative else [])
+    notes = []
     rows = encode_text(args.model, [], prompts, device=args.device, dtype=_dtype(args), plan=plan,
-                       text_weights=args.text_weights)
+                       text_weights=args.text_weights, text_encoder_file=args.text_encoder, notes=notes)
+    _say(notes)
     print(f"encoded {len(prompts)} prompt(s): {[r[0].shape[1] for r in rows]} tokens "
           f"({time.perf_counter() - t0:.2f}s)", file=sys.stderr)
     models = layered.load_layered(args.model, args.device, _dtype(args), plan, loras, args.transformer, args.weights)
@@ -363,7 +393,9 @@ def cmd_layers(args):
               "cfg": args.cfg if use_negative else 1.0, "cfg_normalize": args.cfg_normalize, "layers": args.layers,
               "resolution": args.resolution, "model": Path(args.model).name, "pipeline": layered.CLASS_NAME,
               "transformer": args.transformer and Path(args.transformer).name, "weights": args.weights,
+              "text_encoder": args.text_encoder and Path(args.text_encoder).name, "text_weights": args.text_weights,
               "loras": [(str(getattr(p, "path", p)), float(sc)) for p, sc in loras]}
+    record = {k: v for k, v in record.items() if k not in ("text_encoder", "text_weights") or v is not None}
     for i, (im, o) in enumerate(zip(images, outs)):
         write_png(im, o, force=True, text={"qwen_image_edit": json.dumps({**record, "layer": i}, ensure_ascii=False)})
     write_ora(outs[-1], images)
@@ -379,7 +411,9 @@ def cmd_encode(args):
         raise _input_error(f"{args.out} exists; pass --force to overwrite it or choose another --out")
     if not args.out.endswith(".safetensors"):
         raise _input_error(f"--out {args.out} must end in .safetensors")
-    tensors = _encode(args.model, inputs.read_images(args.image, args.model), args)
+    images = inputs.read_images(args.image, args.model)
+    inputs.check_text_encoder(args.text_encoder, args.model)
+    tensors = _encode(args.model, images, args)
     write_tensors(tensors, args.out, force=args.force)
     print(f"wrote {args.out}: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items()))
 
@@ -543,6 +577,7 @@ def build_parser():
     s.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="fused on load (repeatable)")
     s.add_argument("--weights", choices=["bf16", "fp8"], default=None,
                    help="the block Linears in fp8 or bf16 (as for edit); default: what the checkpoint holds")
+    _add_text_weights(s)
     s.add_argument("--vram", help="VRAM budget (CUDA), e.g. 16GiB: planned once for the largest accepted edit")
     s.add_argument("--host", default="127.0.0.1", help="a non-loopback address needs --token")
     s.add_argument("--port", type=int, default=7860)
@@ -561,12 +596,13 @@ def _oom_advice(args):
     (the generic advice when the job cannot be sized)."""
     generic = "give a budget with --vram SIZE (weights then stream from host RAM), or a smaller --width/--height"
     try:
-        from engine.pipelines.budget import fp8_blocks, job_text_sizes, least_budget
+        from engine.pipelines.budget import fp8_blocks, fp8_text, job_text_sizes, least_budget
         from engine.vram.planner import gib_up
         model_dir, images, cfg_batch, text_encoder, tensors = args.job
         sizes = job_text_sizes(model_dir, images, args, tensors, cfg_batch)
         least = gib_up(least_budget(model_dir, images, args.width, args.height, cfg_batch, text_encoder,
-                                    _dtype(args), args.steps, *sizes, fp8=fp8_blocks(args)))
+                                    _dtype(args), args.steps, *sizes, fp8=fp8_blocks(args),
+                                    text_fp8=text_encoder and fp8_text(args)))
     except Exception:
         return generic
     if getattr(args, "vram", None) or getattr(args, "offload", None):

@@ -29,9 +29,10 @@ LOOKS_LIKE = (("a VAE", ("encoder.", "decoder.", "quant_conv.", "post_quant_conv
                                   "visual.", "lm_head.", "text_encoders.", "cond_stage_model.", "language_model.")))
 
 
-def read_header(path):
+def read_header(path, flag="--transformer"):
     """{key: {"dtype", "shape", "data_offsets"}}, the header's metadata dict and the file size. A safetensors file
-    is 8 bytes little-endian header length, the header as JSON, then the tensor bytes."""
+    is 8 bytes little-endian header length, the header as JSON, then the tensor bytes. flag: the option that took
+    the file, for the refusals."""
     path = Path(path)
     if not path.is_file():
         raise LoadError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
@@ -46,7 +47,7 @@ def read_header(path):
                                 "pickles are never loaded here: use the .safetensors release of this model")
             if len(head) < 9 or head[8:9] != b"{":
                 raise LoadError(f"{path} is not a safetensors file (no safetensors header); "
-                                "--transformer takes a .safetensors file")
+                                f"{flag} takes a .safetensors file")
             n = struct.unpack("<Q", head[:8])[0]
             if 8 + n > size:
                 raise LoadError(f"{path} is truncated ({size} bytes, its header alone needs {8 + n}); re-download it")

@@ -207,27 +207,50 @@ def pack_rows(input_ids, attention_mask):
     return input_ids.gather(1, order), keep.sum(1), order
 
 
-def load_text_encoder(snapshot, dtype=torch.bfloat16, device="cpu", lm_head=False):
+def text_encoder_shapes(snapshot):
+    """{parameter: shape} of the snapshot's text encoder (text_encoder/config.json), built on the meta device."""
+    with torch.device("meta"):
+        return {k: v.shape for k, v in TextEncoder(*read_config(snapshot.config("text_encoder"))).state_dict().items()}
+
+
+def load_text_encoder(snapshot, dtype=torch.bfloat16, device="cpu", lm_head=False, file=None, weights=None):
     """Build on the meta device, assign the checkpoint (either key layout), move to device. lm_head=True
     (for decoding: engine.models.decode) adds `lm_head`, the embedding itself when tie_word_embeddings;
-    otherwise lm_head is dropped."""
+    otherwise lm_head is dropped. file: the weights from that one .safetensors (loaders.text_encoder_file:
+    ComfyUI's qwen_2.5_vl_7b*.safetensors) instead of text_encoder/*.safetensors, which then needs only
+    config.json; its fp8 language-model Linears stay fp8 (engine.transforms.fp8.FP8Linear) unless
+    weights="bf16", which dequantizes them to `dtype` on load. model.source: None, or the file's load info."""
     snapshot = snapshot if isinstance(snapshot, Snapshot) else Snapshot(snapshot)
     dtype = torch_dtype(dtype) if isinstance(dtype, str) else dtype
+    if weights not in (None, "bf16", "fp8"):
+        raise LoadError(f"unknown text weights {weights!r}; use bf16 or fp8")
     config = snapshot.config("text_encoder")
     cfg, vision_cfg = read_config(config)
     with torch.device("meta"):
         model = TextEncoder(cfg, vision_cfg)
-    index = snapshot.tensor_index("text_encoder", device)
-    if index is not None:       # straight to `device`: allocated there, then filled by loaders.fast_read
+    index = snapshot.tensor_index("text_encoder", device) if file is None else None
+    source = None
+    if file is not None:
+        from loaders.text_encoder_file import read_text_encoder_file
+        from engine.transforms.fp8 import text_fp8_layer_names, use_fp8_linears
+        allowed = text_fp8_layer_names(cfg.num_hidden_layers)
+        expected = {k: v.shape for k, v in model.state_dict().items()}
+        state, source = read_text_encoder_file(file, dtype, expected, () if weights == "bf16" else allowed, lm_head)
+        head = state.pop("lm_head.weight", None)
+        use_fp8_linears(model, [k[:-len(".weight_scale")] for k in state if k.endswith(".weight_scale")], allowed)
+        assign(model, state, str(file))
+    elif index is not None:     # straight to `device`: allocated there, then filled by loaders.fast_read
         model, head = _read_placed(snapshot, model, index, dtype, device, lm_head)
     else:
         state = convert_text_encoder_state(snapshot.weights("text_encoder", dtype=dtype), keep_lm_head=lm_head)
         head = state.pop("lm_head.weight", None)
         assign(model, state, "text_encoder")
+    model.source = source
     if lm_head:
         tied = (config.get("text_config") or {}).get("tie_word_embeddings", config.get("tie_word_embeddings", False))
         if not tied and head is None:
-            raise LoadError("text_encoder: lm_head.weight is missing and tie_word_embeddings is false")
+            raise LoadError(f"{file or 'text_encoder'}: lm_head.weight is missing and tie_word_embeddings is false "
+                            "(the caption decodes with the LM head)")
         model.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device="meta")
         model.lm_head.weight = model.embed_tokens.weight if tied else nn.Parameter(head, requires_grad=False)
     return model.requires_grad_(False).eval().to(device)

@@ -15,10 +15,11 @@ def _sizes(images):
 
 
 def edit_job(model_dir, images, width, height, cfg_batch, text_encoder, dtype, area=1024 * 1024, steps=50,
-             text_len=None, vl_tokens=None, fp8=False):
+             text_len=None, vl_tokens=None, fp8=False, text_fp8=False):
     """(engine.vram.memory.Job, ModelSizes) of one edit of `images` (PIL images or their (w, h) sizes) with
     the snapshot's configs. text_len / vl_tokens: the MMDiT text tokens and VL image tokens when known
-    (prompt_lengths), else the Job's upper bounds."""
+    (prompt_lengths), else the Job's upper bounds. fp8 / text_fp8: the MMDiT's block Linears / the text
+    encoder's language-model Linears held in fp8 (fp8_blocks / fp8_text)."""
     from engine.text.processor import ImageConfig, smart_resize
     from engine.vram.memory import Job
     snap = Snapshot(model_dir)
@@ -36,20 +37,21 @@ def edit_job(model_dir, images, width, height, cfg_batch, text_encoder, dtype, a
                                                      for w, h in spec.vl_sizes(sizes, area)))
     if text_len is not None and spec.max_text_tokens:
         text_len = min(text_len, spec.max_text_tokens)
-    model_sizes = snapshot_sizes(snap, text_encoder, dtype, fp8)
+    model_sizes = snapshot_sizes(snap, text_encoder, dtype, fp8, text_fp8)
     job = Job(width or ow, height or oh, cw, ch, batch=cfg_batch, steps=steps, text_encoder=text_encoder,
               text_len=text_len, vl_tokens=vl_tokens, cond_tokens=sum((w // 16) * (h // 16) for w, h in vae_sizes))
     return job, model_sizes
 
 
-def snapshot_sizes(snap, text_encoder, dtype, fp8=False):
+def snapshot_sizes(snap, text_encoder, dtype, fp8=False, text_fp8=False):
     """engine.vram.memory.ModelSizes from a snapshot's configs (the text encoder's only when it will run)."""
     from engine.config import MMDiTConfig, VAEConfig
     from engine.models.text_encoder import read_config
     from engine.vram.memory import model_sizes_from_configs
     text_cfg = read_config(snap.config("text_encoder")) if text_encoder else None
     return model_sizes_from_configs(MMDiTConfig.from_dict(snap.config("transformer")), text_cfg,
-                                    VAEConfig.from_dict(snap.config("vae")), torch_dtype(dtype).itemsize, fp8=fp8)
+                                    VAEConfig.from_dict(snap.config("vae")), torch_dtype(dtype).itemsize, fp8=fp8,
+                                    text_fp8=text_fp8)
 
 
 def prompt_lengths(model_dir, images, prompts, area=1024 * 1024, resize="pil"):
@@ -64,11 +66,11 @@ def prompt_lengths(model_dir, images, prompts, area=1024 * 1024, resize="pil"):
 
 
 def make_plan(model_dir, images, width, height, cfg_batch, text_encoder, budget, mode, dtype, area=1024 * 1024,
-              steps=50, text_len=None, vl_tokens=None, fp8=False):
+              steps=50, text_len=None, vl_tokens=None, fp8=False, text_fp8=False):
     """The VRAM plan (engine.vram.planner) for one edit of `images` under `budget` bytes."""
     from engine.vram.planner import plan
     job, sizes = edit_job(model_dir, images, width, height, cfg_batch, text_encoder, dtype, area, steps,
-                          text_len, vl_tokens, fp8)
+                          text_len, vl_tokens, fp8, text_fp8)
     return plan(budget, job, sizes, mode)
 
 
@@ -92,11 +94,11 @@ def resolve_budget(vram, device="cuda"):
 
 
 def least_budget(model_dir, images, width, height, cfg_batch, text_encoder, dtype, steps=50, text_len=None,
-                 vl_tokens=None, fp8=False):
+                 vl_tokens=None, fp8=False, text_fp8=False):
     """The smallest budget (bytes) any plan runs this edit in."""
     from engine.vram.planner import smallest_budget
     job, sizes = edit_job(model_dir, images, width, height, cfg_batch, text_encoder, dtype, steps=steps,
-                          text_len=text_len, vl_tokens=vl_tokens, fp8=fp8)
+                          text_len=text_len, vl_tokens=vl_tokens, fp8=fp8, text_fp8=text_fp8)
     return smallest_budget(job, sizes, "stream")
 
 
@@ -140,7 +142,7 @@ def available_host_bytes():
 
 
 def check_fits(model_dir, images, width, height, cfg_batch, text_encoder, dtype, device, available, steps=50,
-               text_len=None, vl_tokens=None, planned=False, fp8=False, built=None):
+               text_len=None, vl_tokens=None, planned=False, fp8=False, built=None, text_fp8=False):
     """Refuse, before any work, an edit that cannot fit `available` bytes (host RAM on the CPU; VRAM on CUDA:
     with everything resident, or under a plan at its smallest budget): one line naming what it needs and the
     largest output size, at the same aspect ratio, that fits. Returns the bytes it needs. built: a (Job,
@@ -148,7 +150,7 @@ def check_fits(model_dir, images, width, height, cfg_batch, text_encoder, dtype,
     import dataclasses
     from engine.vram.planner import gib_up, smallest_budget
     job, sizes = built or edit_job(model_dir, images, width, height, cfg_batch, text_encoder, dtype, steps=steps,
-                                   text_len=text_len, vl_tokens=vl_tokens, fp8=fp8)
+                                   text_len=text_len, vl_tokens=vl_tokens, fp8=fp8, text_fp8=text_fp8)
     what = f"{job.width}x{job.height} {'edit' if job.frames == 1 else f'{job.frames - 1}-layer split'}"
     if device == "cpu":
         need_of, where = (lambda j: _host_need(j, sizes)), "host RAM"
@@ -222,6 +224,19 @@ def fp8_blocks(opts):
     return bool(blocks) and all(d.startswith("F8") for d in blocks)
 
 
+def fp8_text(opts, on_host=False):
+    """Whether the text encoder's language-model Linears will be held in fp8: --text-weights says so, or (no
+    --text-weights) a --text-encoder file whose LM Linears are all fp8 in its header (a mixed file counts as bf16:
+    the safe side). on_host: as host RAM holds them on the CPU, where --text-weights fp8 quantizes a full-width
+    model already read (so only an fp8 file counts as fp8 there)."""
+    weights, file = getattr(opts, "text_weights", None), getattr(opts, "text_encoder", None)
+    from_file = False
+    if file and weights != "bf16":
+        from loaders.text_encoder_file import lm_linears_fp8
+        from_file = lm_linears_fp8(file)
+    return from_file if on_host or not weights else weights == "fp8"
+
+
 def check_job_fits(model_dir, images, opts, text_encoder, cfg_batch, tensors=None, text_sizes=None):
     """Refuse before any work an edit that cannot fit this machine (host RAM on the CPU, the GPU's free
     memory or the --vram budget on CUDA), naming the largest size that fits. text_sizes: job_text_sizes'
@@ -230,7 +245,8 @@ def check_job_fits(model_dir, images, opts, text_encoder, cfg_batch, tensors=Non
     available = available_host_bytes() if opts.device == "cpu" else resolve_budget(opts.vram if planned else None)
     text_len, vl_tokens = text_sizes or job_text_sizes(model_dir, images, opts, tensors, cfg_batch)
     check_fits(model_dir, images, opts.width, opts.height, cfg_batch, text_encoder, _dtype_of(opts), opts.device,
-               available, opts.steps, text_len, vl_tokens, planned=planned, fp8=fp8_blocks(opts))
+               available, opts.steps, text_len, vl_tokens, planned=planned, fp8=fp8_blocks(opts),
+               text_fp8=text_encoder and fp8_text(opts, on_host=opts.device == "cpu"))
 
 
 def plan_job(model_dir, images, opts, text_encoder, cfg_batch, tensors=None):
@@ -243,15 +259,16 @@ def plan_job(model_dir, images, opts, text_encoder, cfg_batch, tensors=None):
         return None
     return make_plan(model_dir, images, opts.width, opts.height, cfg_batch, text_encoder, resolve_budget(opts.vram),
                      opts.offload or "auto", _dtype_of(opts), steps=opts.steps, text_len=text_len,
-                     vl_tokens=vl_tokens, fp8=fp8_blocks(opts))
+                     vl_tokens=vl_tokens, fp8=fp8_blocks(opts), text_fp8=text_encoder and fp8_text(opts))
 
 
-def layered_job(model_dir, width, height, layers, cfg_batch, dtype, steps=50, text_len=None, fp8=False):
+def layered_job(model_dir, width, height, layers, cfg_batch, dtype, steps=50, text_len=None, fp8=False,
+                text_fp8=False):
     """(Job, ModelSizes) of a Qwen-Image-Layered split worked at width x height: layers + 1 noisy frames and the
     condition frame in the MMDiT, a text-only prompt (no VL image tokens), one layer decoded at a time."""
     from engine.vram.memory import Job
     snap = Snapshot(model_dir)
-    sizes = snapshot_sizes(snap, True, dtype, fp8)
+    sizes = snapshot_sizes(snap, True, dtype, fp8, text_fp8)
     job = Job(width, height, width, height, batch=cfg_batch, steps=steps, text_encoder=True,
               text_len=text_len or pipeline_for(snap).max_text_tokens, vl_tokens=0, frames=layers + 1)
     return job, sizes
@@ -263,12 +280,12 @@ def plan_layers(model_dir, width, height, opts, prompts):
     planned = _planned(opts)
     text_len = min(prompt_lengths(model_dir, [], prompts)[0], pipeline_for(model_dir).max_text_tokens or 10 ** 9)
     dtype = _dtype_of(opts)
-    built = layered_job(model_dir, width, height, opts.layers, len(prompts), dtype, opts.steps, text_len,
-                        fp8_blocks(opts))
+    job = lambda text_fp8: layered_job(model_dir, width, height, opts.layers, len(prompts), dtype, opts.steps,
+                                       text_len, fp8_blocks(opts), text_fp8)
     available = available_host_bytes() if opts.device == "cpu" else resolve_budget(opts.vram if planned else None)
     check_fits(model_dir, [], width, height, len(prompts), True, dtype, opts.device, available, planned=planned,
-               built=built)
+               built=job(fp8_text(opts, on_host=opts.device == "cpu")))
     if not planned:
         return None
     from engine.vram.planner import plan
-    return plan(resolve_budget(opts.vram), *built, opts.offload or "auto")
+    return plan(resolve_budget(opts.vram), *job(fp8_text(opts)), opts.offload or "auto")

@@ -41,6 +41,16 @@ def check_transformer(file, model_dir):
     check_transformer_file(file, param_shapes(MMDiTConfig.from_dict(Snapshot(model_dir).config("transformer"))))
 
 
+def check_text_encoder(file, model_dir):
+    """--text-encoder FILE checked from its header against the snapshot's text_encoder/config.json (a transformer
+    or VAE file, missing or extra tensors, other shapes, scales, fp8 formats: one line) before anything runs."""
+    if file is None:
+        return
+    from engine.models.text_encoder import text_encoder_shapes
+    from loaders.text_encoder_file import check_text_encoder_file
+    check_text_encoder_file(file, text_encoder_shapes(Snapshot(model_dir)))
+
+
 def read_embeds(embeds_file):
     """A file from `encode`: prompt_embeds (+ _mask, negative_prompt_embeds, negative_prompt_embeds_mask)."""
     tensors = read_tensors(embeds_file)

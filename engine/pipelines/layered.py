@@ -100,16 +100,18 @@ def load_layered(model_dir, device="cpu", dtype="float32", plan=None, loras=(), 
 
 
 def caption_image(model_dir, image, use_en_prompt=False, opts: LayeredOptions = None, device="cpu", dtype="float32",
-                  max_new_tokens=None, encoder=None, resize="pil"):
+                  max_new_tokens=None, encoder=None, resize="pil", text_weights=None, text_encoder_file=None,
+                  notes=None):
     """The reference's get_image_caption for an empty prompt: the image Lanczos-resized to the working size
     (what the reference shows the VL model), the caption template (Chinese unless use_en_prompt, the
     reference's default), greedy decoding with the snapshot's generation_config (engine.models.decode),
     special tokens skipped, stripped. resize: the VL processor's backend ("pil" or "torch", as
-    engine.text.processor). Returns (caption, generated ids)."""
+    engine.text.processor). text_weights, text_encoder_file, notes: the text encoder as the prompt encoding
+    loads it (engine.pipelines.text.load_text_model), with its LM head. Returns (caption, generated ids)."""
     from PIL import Image
 
     from engine.models.decode import generation_settings, greedy_decode
-    from engine.models.text_encoder import load_text_encoder
+    from engine.pipelines.text import load_text_model
     from engine.text.processor import Processor
     from loaders import read_json
     opts = opts or LayeredOptions()
@@ -122,7 +124,8 @@ def caption_image(model_dir, image, use_en_prompt=False, opts: LayeredOptions = 
     gen_path = snap.root / "text_encoder" / "generation_config.json"
     penalty, eos, _ = generation_settings(read_json(gen_path) if gen_path.is_file() else None,
                                           snap.config("text_encoder"))
-    encoder = encoder or load_text_encoder(snap, torch_dtype(dtype), device, lm_head=True)
+    encoder = encoder or load_text_model(snap, dtype, device, text_weights, text_encoder_file, lm_head=True,
+                                         notes=notes)
     ids = greedy_decode(encoder, inputs["input_ids"], inputs["pixel_values"].to(device, torch_dtype(dtype)),
                         inputs["image_grid_thw"], max_new_tokens or CAPTION_MAX_TOKENS, eos, penalty)
     return processor.tokenizer.backend.decode(ids, skip_special_tokens=True).strip(), ids

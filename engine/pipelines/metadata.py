@@ -20,13 +20,18 @@ def edit_parameters(models, job, size, cfg_on):
          "size": f"{size[0]}x{size[1]}", "model": source.get("model"), "pipeline": (models.spec or EDIT).class_name,
          "transformer": source.get("transformer") and Path(source["transformer"]).name,
          "weights": source.get("weights"),
-         # the text encoder's weights, when it ran here (a --prompt-embeds edit did not run it)
+         # the text encoder's file and weights, when it ran here (a --prompt-embeds edit did not run it)
+         "text_encoder": _name(getattr(job, "text_encoder", None)) if getattr(job, "prompt", None) else None,
          "text_weights": getattr(job, "text_weights", None) if getattr(job, "prompt", None) else None,
          "loras": [{"file": Path(f).name, "scale": s} for f, s in source.get("loras", [])],
          "mask": getattr(job, "mask", None) and Path(job.mask).name, "outpaint": getattr(job, "outpaint", None),
          "strength": getattr(job, "inpaint_strength", None),
          "engine": f"qwen-image-edit-engine {__version__}"}
     return {k: v for k, v in p.items() if v is not None and v != []}
+
+
+def _name(path):
+    return path and Path(path).name
 
 
 def png_text(models, job, size, cfg_on):
@@ -38,6 +43,7 @@ def png_text(models, job, size, cfg_on):
               f"Size: {p['size']}", f"Model: {p.get('model')}"]
     fields += [f"Transformer: {p['transformer']}"] if "transformer" in p else []
     fields += [f"Weights: {p['weights']}"] if "weights" in p else []
+    fields += [f"Text encoder: {p['text_encoder']}"] if "text_encoder" in p else []
     fields += [f"Text weights: {p['text_weights']}"] if "text_weights" in p else []
     fields += [f"Lora: {lo['file']}:{lo['scale']:g}" for lo in p.get("loras", [])]
     fields += [f"Mask: {p['mask']}"] if "mask" in p else []

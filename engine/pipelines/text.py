@@ -10,37 +10,68 @@ from engine.vram.offload import move_except, stream_blocks
 
 
 def encode_text(model_dir, images, prompts, device="cpu", dtype="float32", area=1024 * 1024, resize="pil",
-                plan=None, text_weights=None):
+                plan=None, text_weights=None, text_encoder_file=None, notes=None):
     """Prompts -> list of ([1, L_i, D] embeddings, [1, L_i] mask), one per prompt, from the snapshot's
     text_encoder/ + processor/. images: one PIL image or a list (the pipeline's template names them in
     order); the VL model sees each at the pipeline's size. The text encoder is loaded for this call only
     and freed afterwards (it is ~16 GB in bf16); with a plan, its layers beyond the plan's resident counts
-    stream from pinned host memory. text_weights="fp8": the language model's layer Linears quantized to
-    float8_e4m3fn on load (engine.transforms.fp8.quantize_text_encoder_fp8); None/"bf16": as the checkpoint."""
-    return encode_texts(model_dir, [(images, prompts)], device, dtype, area, resize, plan, text_weights)[0]
+    stream from pinned host memory. text_weights, text_encoder_file, notes: as load_text_model."""
+    return encode_texts(model_dir, [(images, prompts)], device, dtype, area, resize, plan, text_weights,
+                        text_encoder_file, notes)[0]
 
 
 def encode_texts(model_dir, jobs, device="cpu", dtype="float32", area=1024 * 1024, resize="pil", plan=None,
-                 text_weights=None):
+                 text_weights=None, text_encoder_file=None, notes=None):
     """encode_text for many (images, prompts) jobs with one load of the text encoder."""
-    from engine.models.text_encoder import load_text_encoder
     from engine.text.processor import load_processor
     snap = Snapshot(model_dir)
     spec = pipeline_for(snap)
     snap.require("text_encoder")
     processor = load_processor(snap, resize=resize)
-    te = load_text_encoder(snap, torch_dtype(dtype), "cpu" if plan is not None else device)
-    if text_weights == "fp8":
-        from engine.transforms.fp8 import quantize_text_encoder_fp8
-        quantize_text_encoder_fp8(te, compute_device=device)    # float32 work per layer on `device`
-    elif text_weights not in (None, "bf16"):
-        raise LoadError(f"unknown text weights {text_weights!r}; use bf16 or fp8")
+    te = load_text_model(snap, dtype, device, text_weights, text_encoder_file, plan, notes=notes)
     try:
         return run_text_encoder(processor, te, jobs, device, area, plan, spec)
     finally:
         del te      # ~16 GB: gone before the transformer loads
         if str(device).startswith("cuda"):
             torch.cuda.empty_cache()
+
+
+def load_text_model(snap, dtype, device, text_weights=None, file=None, plan=None, lm_head=False, notes=None):
+    """The text encoder where it runs: on `device`, or on the host when a plan streams it. file: its weights from
+    one .safetensors (engine.models.text_encoder.load_text_encoder; an fp8 file's language-model Linears stay
+    fp8). text_weights="fp8": the language model's layer Linears quantized to float8_e4m3fn on load
+    (engine.transforms.fp8.quantize_text_encoder_fp8), on the host one layer at a time (the arithmetic on
+    `device`), so the full-width model never reaches the GPU; "bf16": an fp8 file dequantized to `dtype`;
+    None: as the checkpoint holds them. notes: a list the load's one-line notes are appended to."""
+    from engine.models.text_encoder import load_text_encoder
+    if text_weights not in (None, "bf16", "fp8"):
+        raise LoadError(f"unknown text weights {text_weights!r}; use bf16 or fp8")
+    host = plan is not None or text_weights == "fp8"
+    te = load_text_encoder(snap, torch_dtype(dtype), "cpu" if host else device, lm_head, file, text_weights)
+    if notes is not None and te.source is not None:
+        from loaders.text_encoder_file import summary
+        notes.append(summary(te.source))
+    if text_weights == "fp8":
+        from engine.transforms.fp8 import quantize_text_encoder_fp8
+        n = quantize_text_encoder_fp8(te, compute_device=device)    # float32 work per layer on `device`
+        if notes is not None and n:
+            notes.append(f"fp8: {n} text-encoder Linears quantized to float8_e4m3fn on load "
+                         "(one scale per output channel)")
+    if plan is not None:
+        check_streamable(te, file)
+    elif host:
+        te = te.to(device)
+    return te
+
+
+def check_streamable(te, file):
+    """Streaming moves every LM layer through the same slots, so the layers must be alike: a file whose layers mix
+    fp8 and bf16 Linears is refused under a plan with the flags that make them alike."""
+    kinds = {tuple((n, type(m).__name__) for n, m in layer.named_modules()) for layer in te.layers}
+    if len(kinds) > 1:
+        raise LoadError(f"{file}: its language-model layers mix fp8 and bf16 Linears, and a --vram plan streams "
+                        "identical layers; add --text-weights fp8 (quantizes the rest) or --text-weights bf16")
 
 
 def prompt_images(spec, images, area=1024 * 1024):

@@ -1,7 +1,7 @@
 """`cli.py serve`: the models loaded once and kept warm behind an HTTP API and one web page.
 
     build(args) checks what can be checked without loading (the serve extra, host and token, snapshot,
-    LoRAs, --transformer, the VRAM plan), binds the socket and returns (uvicorn server, socket, worker);
+    LoRAs, --transformer, --text-encoder, the VRAM plan), binds the socket and returns (uvicorn server, socket, worker);
     serve(args) runs it until interrupted. The models load on the worker's thread while /health answers
     "loading"; a load or warm-up that fails stops the server with its one-line error.
 Starlette, uvicorn and python-multipart are the optional extra `serve`, imported only here."""
@@ -69,18 +69,20 @@ def prepare(args):
     Snapshot(args.model).require("transformer", "vae", "scheduler", "text_encoder")
     loras = inputs.read_loras(args.lora, args.model)
     inputs.check_transformer(args.transformer, args.model)
+    inputs.check_text_encoder(getattr(args, "text_encoder", None), args.model)
     plan, max_pixels, why = None, args.max_pixels, "--max-pixels"
     if args.vram:
         if args.device != "cuda":
             raise LoadError("--vram plans GPU memory; use it with --device cuda")
-        from engine.pipelines.budget import fp8_blocks, resolve_budget
+        from engine.pipelines.budget import fp8_blocks, fp8_text, resolve_budget
         from engine.server.plan import serve_plan, summary
         plan, max_pixels = serve_plan(args.model, resolve_budget(args.vram), args.dtype, args.max_pixels,
-                                      fp8=fp8_blocks(args))
+                                      fp8=fp8_blocks(args), text_fp8=fp8_text(args))
         why = f"what --vram {args.vram} fits"
         print(summary(plan, max_pixels), file=sys.stderr)
     worker = Worker(args.model, args.device, args.dtype, loras, args.transformer, plan, args.queue,
-                    weights=getattr(args, "weights", None))
+                    weights=getattr(args, "weights", None), text_weights=getattr(args, "text_weights", None),
+                    text_encoder_file=getattr(args, "text_encoder", None))
     return worker, Limits(spec, max_pixels, why)
 
 

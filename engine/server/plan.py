@@ -17,18 +17,19 @@ from engine.server.form import MAX_SIDE, MAX_STEPS
 MIN_SIDE = 256      # px: a server that cannot fit a 256x256 output under its budget does not start
 
 
-def serve_plan(model_dir, budget, dtype, max_pixels, mode="auto", fp8=False):
+def serve_plan(model_dir, budget, dtype, max_pixels, mode="auto", fp8=False, text_fp8=False):
     """(Plan, the largest output area in pixels that fits `budget` bytes, at most max_pixels). Planned for a
     square output of that area (its side a multiple of 16); outputs of other aspect ratios and the same
     area need the same memory to within the VAE's tile rounding. fp8: the block Linears are float8_e4m3fn
-    (--weights fp8 or an fp8 file: budget.fp8_blocks), counted at their size."""
+    (--weights fp8 or an fp8 file: budget.fp8_blocks), counted at their size; text_fp8: the text encoder's
+    language-model Linears likewise (--text-weights fp8 or an fp8 --text-encoder file: budget.fp8_text)."""
     from engine.pipelines.budget import edit_job
     from engine.vram.memory import text_peak, weights_on_gpu
     from engine.vram.planner import MARGIN_FRACTION, gib, gib_up, need, plan, smallest_budget
     spec = pipeline_for(model_dir)
     side = min(math.isqrt(max_pixels), MAX_SIDE) // 16 * 16
     job, sizes = edit_job(model_dir, [(1024, 1024)] * spec.max_images, side, side, 2, True, dtype,
-                          steps=MAX_STEPS, fp8=fp8)
+                          steps=MAX_STEPS, fp8=fp8, text_fp8=text_fp8)
     text = text_peak(sizes, job, 0, 0)
     reserve = math.ceil(text * (1 + MARGIN_FRACTION))
     mmdit_job = dataclasses.replace(job, text_encoder=False)

@@ -82,10 +82,11 @@ class Worker:
     everything torch runs on the worker's thread."""
 
     def __init__(self, model_dir, device="cpu", dtype="float32", loras=(), transformer_file=None, plan=None,
-                 queue_size=16, log=sys.stderr, weights=None):
+                 queue_size=16, log=sys.stderr, weights=None, text_weights=None, text_encoder_file=None):
         self.model_dir, self.device, self.dtype, self.plan = model_dir, device, dtype, plan
         self.loras, self.transformer_file, self.queue_size, self.log = list(loras), transformer_file, queue_size, log
         self.weights = weights          # None | "bf16" | "fp8", as load_models takes it
+        self.text_weights, self.text_encoder_file = text_weights, text_encoder_file   # as load_text_model takes them
         self.model = Snapshot(model_dir).root.name
         self.spec = pipeline_for(model_dir)
         self.threads = torch.get_num_threads()     # OpenMP keeps the count per OS thread: the worker adopts ours
@@ -223,14 +224,18 @@ class Worker:
             self._run(job)
 
     def _load(self):
-        from engine.models.text_encoder import load_text_encoder
+        from engine.pipelines.text import load_text_model
         from engine.text.processor import load_processor
         t0 = time.perf_counter()
         snap = Snapshot(self.model_dir)
         snap.require("text_encoder")
         self.processor = load_processor(snap)
         # with a plan the text encoder stays on the host and streams (engine/server/plan.py)
-        self.text_encoder = load_text_encoder(snap, torch_dtype(self.dtype), "cpu" if self.plan else self.device)
+        notes = []
+        self.text_encoder = load_text_model(snap, self.dtype, self.device, self.text_weights, self.text_encoder_file,
+                                            self.plan, notes=notes)
+        for line in notes:
+            print(f"note: {line}", file=self.log)
         if self.plan is not None:       # streamed once, as run_text_encoder would per call; kept until close
             self._stream_text_encoder()
         self.models = load_models(self.model_dir, self.device, self.dtype, self.plan, self.loras, self.transformer_file,
@@ -331,7 +336,8 @@ class Worker:
         cfg_on = "negative_prompt_embeds" in tensors and opts.cfg > 1
         record = SimpleNamespace(prompt=request.prompt, negative_prompt=request.negative_prompt,
                                  images=request.names, seed=opts.seed, steps=opts.steps, cfg=opts.cfg,
-                                 sampler=opts.sampler)
+                                 sampler=opts.sampler, text_weights=self.text_weights,
+                                 text_encoder=self.text_encoder_file)
         return png_bytes(out, png_text(self.models, record, out.size, cfg_on))
 
     def _free(self):

@@ -91,13 +91,14 @@ def _swap(model, name, new):
         setattr(parent, attr, new)  # also for ModuleList slots ("to_out.0", "net.2")
 
 
-def use_fp8_linears(model, names):
+def use_fp8_linears(model, names, allowed=None):
     """Swap the Linears `names` for empty FP8Linears of the same shape and device (for a model built on the meta
-    device, before a state dict with fp8 weights and their `weight_scale` is assigned). Returns the model."""
-    allowed = set(fp8_layer_names(len(model.transformer_blocks)))
+    device, before a state dict with fp8 weights and their `weight_scale` is assigned). allowed: the layers that
+    may be fp8 (default: an MMDiT's block Linears). Returns the model."""
+    allowed = set(fp8_layer_names(len(model.transformer_blocks)) if allowed is None else allowed)
     for name in names:
         if name not in allowed:
-            raise ValueError(f"{name} is not one of the block Linears kept in fp8")
+            raise ValueError(f"{name} is not one of the Linears kept in fp8")
         old = model.get_submodule(name)
         if not isinstance(old, FP8Linear):
             _swap(model, name, FP8Linear.like(old))
@@ -118,11 +119,16 @@ TEXT_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "sel
                 "mlp.up_proj", "mlp.down_proj")
 
 
+def text_fp8_layer_names(num_layers):
+    """Names of the text encoder's Linears that may be fp8, for a language model of `num_layers` layers."""
+    return [f"layers.{i}.{n}" for i in range(num_layers) for n in TEXT_LINEARS]
+
+
 def quantize_text_encoder_fp8(text_encoder, compute_device=None):
     """--text-weights fp8: the language model's layer Linears to float8_e4m3fn with one scale per output channel
-    (quantize_fp8's rule and in-place swap). Returns the number of layers quantized."""
-    names = [f"layers.{i}.{n}" for i in range(len(text_encoder.layers)) for n in TEXT_LINEARS]
-    return quantize_linears(text_encoder, names, compute_device)
+    (quantize_fp8's rule and in-place swap; those already fp8, from an fp8 file, are left). Returns the number of
+    layers quantized."""
+    return quantize_linears(text_encoder, text_fp8_layer_names(len(text_encoder.layers)), compute_device)
 
 
 def quantize_linears(model, names, compute_device=None):

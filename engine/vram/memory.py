@@ -75,18 +75,21 @@ def _bytes(module, dtype_bytes):
     return sum(p.numel() for p in module.parameters()) * dtype_bytes
 
 
-def _fp8_saving(block, dtype_bytes):
-    """What an fp8 block saves (engine.transforms.fp8): each block Linear's weight at 1 byte per value plus a
-    float32 scale per output channel, instead of dtype_bytes per value."""
+def _fp8_saving(block, dtype_bytes, names=None):
+    """What an fp8 block saves (engine.transforms.fp8): each of its fp8 Linears' weight (names: default the MMDiT's
+    block Linears) at 1 byte per value plus a float32 scale per output channel, instead of dtype_bytes per value."""
     from engine.transforms.fp8 import BLOCK_LINEARS
-    weights = [block.get_submodule(name).weight for name in BLOCK_LINEARS]
+    weights = [block.get_submodule(name).weight for name in names or BLOCK_LINEARS]
     return sum(w.numel() * (dtype_bytes - 1) - 4 * w.shape[0] for w in weights)
 
 
-def model_sizes_from_configs(mmdit_cfg, text_cfg, vae_cfg, dtype_bytes=2, fp8=False):
+def model_sizes_from_configs(mmdit_cfg, text_cfg, vae_cfg, dtype_bytes=2, fp8=False, text_fp8=False):
     """Byte counts from the configs, by building one block of each kind on the meta device (no memory).
     text_cfg: (TextConfig, VisionConfig) as engine.models.text_encoder.read_config returns, a TextConfig (default
-    vision tower), or None when the job brings its own prompt embeddings. fp8: the blocks' Linears in fp8."""
+    vision tower), or None when the job brings its own prompt embeddings. fp8: the blocks' Linears in fp8.
+    text_fp8: the language model's 7 Linears per layer in fp8 (--text-weights fp8 or an fp8 text-encoder file;
+    the vision tower, embeddings and norms stay in the model dtype)."""
+    from engine.transforms.fp8 import TEXT_LINEARS
     with torch.device("meta"):
         block = Block(mmdit_cfg)
         sizes = dict(
@@ -101,8 +104,10 @@ def model_sizes_from_configs(mmdit_cfg, text_cfg, vae_cfg, dtype_bytes=2, fp8=Fa
         if text_cfg is not None:
             cfg, vision = text_cfg if isinstance(text_cfg, tuple) else (text_cfg, VisionConfig())
             empty = TextEncoder(dataclasses.replace(cfg, num_hidden_layers=0), dataclasses.replace(vision, depth=0))
+            layer = DecoderLayer(cfg)
+            saving = _fp8_saving(layer, dtype_bytes, TEXT_LINEARS) if text_fp8 else 0
             sizes.update(
-                te_layer_bytes=_bytes(DecoderLayer(cfg), dtype_bytes), te_layers=cfg.num_hidden_layers,
+                te_layer_bytes=_bytes(layer, dtype_bytes) - saving, te_layers=cfg.num_hidden_layers,
                 te_other=_bytes(empty, dtype_bytes) - _bytes(empty.embed_tokens, dtype_bytes),
                 te_embed=_bytes(empty.embed_tokens, dtype_bytes), te_hidden=cfg.hidden_size,
                 te_intermediate=cfg.intermediate_size, te_kv=cfg.num_key_value_heads * cfg.head_dim,
