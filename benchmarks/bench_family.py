@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from benchmarks.bench_offload import SCHEDULER, enforce
-from benchmarks.common import ceilings, diffusers_transformer, env_info, time_ms, write_json
+from benchmarks.common import ceilings, diffusers_transformer, env_info, rel_l2, time_ms, write_json
 from engine.config import MMDiTConfig, SchedulerConfig, VAEConfig
 from engine.models.mmdit import MMDiT, modulation_table
 from engine.models.text_encoder import TextConfig
@@ -60,11 +60,6 @@ def peak_of(fn):
     out = fn()
     torch.cuda.synchronize()
     return out, torch.cuda.max_memory_allocated() / GiB
-
-
-def rel_l2(a, b):
-    a, b = a.float(), b.float()
-    return ((a - b).norm() / b.norm()).item()
 
 
 # --- text to image -------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import ceilings, env_info, time_ms, write_json
+from benchmarks.common import ceilings, env_info, fp8_ceiling, rel_l2, time_ms, write_json
 from engine.config import MMDiTConfig
 from engine.models.mmdit import MMDiT, modulation_table
 from engine.transforms.fp8 import quantize_fp8
@@ -46,14 +46,6 @@ def ms(fn, loop=10):
         for _ in range(loop):
             fn()
     return time_ms(run, warmup=2, reps=15) / loop
-
-
-def fp8_ceiling(n=8192):
-    a = torch.randn(n, n, device="cuda", dtype=BF16)
-    qa, sa = k8.quantize_rows(a)
-    qb, sb = k8.quantize_rows(a)
-    t = ms(lambda: torch._scaled_mm(qa, qb.t(), scale_a=sa[:, None], scale_b=sb[None, :], out_dtype=BF16), loop=3)
-    return 2 * n ** 3 / t / 1e9
 
 
 def _rand(*shape, std=1.0):
@@ -188,10 +180,6 @@ def model_inputs(model, B=1, grids=((64, 64), (64, 64)), txt=TXT, seed=1):
     return (x, t_emb, torch.tensor([txt] * B), t, shapes), {"mods": mods}
 
 
-def _rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
 def bench_model(rows, layers):
     bf16, fp8 = full_width_models(layers)
     args, kw = model_inputs(bf16)
@@ -212,7 +200,7 @@ def bench_model(rows, layers):
         base = t if provider == "bf16" else base
         rows.append({"section": "model", "name": f"{layers} blocks S={S}", "provider": provider, "ms": t,
                      "ms_per_block": t / layers, "speedup_vs_bf16": base / t,
-                     "rel_l2_vs_bf16": _rel(outs[provider], outs["bf16"])})
+                     "rel_l2_vs_bf16": rel_l2(outs[provider], outs["bf16"])})
 
 
 def table(ceil, rows):

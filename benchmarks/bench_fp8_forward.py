@@ -21,23 +21,9 @@ import traceback
 import torch
 
 from benchmarks.bench_e2e import FULL, build_reference, flops, inputs, kernel_breakdown
-from benchmarks.common import ceilings, env_info, time_ms, write_json
+from benchmarks.common import ceilings, env_info, fp8_ceiling, rel_l2, time_ms, write_json
 from engine.models.mmdit import MMDiT, modulation_table
 from loaders import assign
-
-
-def rel_l2(a, b):
-    a, b = a.float(), b.float()
-    return ((a - b).norm() / b.norm()).item()
-
-
-def fp8_ceiling(n=8192):
-    """fp8 e4m3 rowwise torch._scaled_mm TFLOP/s at n³, measured now."""
-    a = torch.randn(n, n, device="cuda").to(torch.float8_e4m3fn)
-    b = torch.randn(n, n, device="cuda").to(torch.float8_e4m3fn)
-    sa, sb = torch.ones(n, 1, device="cuda"), torch.ones(1, n, device="cuda")
-    fn = lambda: torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
-    return 2 * n ** 3 / time_ms(fn, warmup=3, reps=20) / 1e9
 
 
 def ours_models(ref):

@@ -42,6 +42,22 @@ def ceilings():
     return {"matmul_tflops": 2 * n ** 3 / ms / 1e9, "copy_gbs": 2 * src.numel() * 2 / cms / 1e6}
 
 
+def fp8_ceiling(n=8192):
+    """fp8 e4m3 rowwise torch._scaled_mm TFLOP/s at n³ (per-token x per-channel scales), measured now."""
+    from kernels.fp8_linear import quantize_rows
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    q, s = quantize_rows(a)
+    ms = time_ms(lambda: torch._scaled_mm(q, q.t(), scale_a=s[:, None], scale_b=s[None, :],
+                                          out_dtype=torch.bfloat16), warmup=3, reps=20)
+    return 2 * n ** 3 / ms / 1e9
+
+
+def rel_l2(a, b):
+    """‖a − b‖ / ‖b‖ in float32."""
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm()).item()
+
+
 def write_json(path, payload):
     with open(path, "w") as f:
         json.dump(payload, f, indent=2)
