@@ -44,14 +44,14 @@ SCHEDULER = dict(base_image_seq_len=256, base_shift=0.5, invert_sigmas=False, ma
 # ---- the snapshot -------------------------------------------------------------------------------------
 
 def _random(shape, name, g):
-    t = torch.empty(shape, dtype=torch.bfloat16, device="cuda")
+    t = torch.empty(shape, dtype=torch.bfloat16, device=g.device)
     return t.normal_(1.0, 0.1, generator=g) if len(shape) == 1 and "norm" in name else t.normal_(0.0, 0.02, generator=g)
 
 
-def write_safetensors(path, shapes, seed):
-    """One .safetensors file of random bf16 tensors {key: shape}, made on the GPU a tensor at a time (no host
+def write_safetensors(path, shapes, seed, device="cuda"):
+    """One .safetensors file of random bf16 tensors {key: shape}, made on `device` a tensor at a time (no host
     copy of the whole shard)."""
-    g = torch.Generator("cuda").manual_seed(seed)
+    g = torch.Generator(device).manual_seed(seed)
     header, at = {"__metadata__": {"format": "pt"}}, 0
     for k, s in shapes.items():
         n = 2 * int(torch.Size(s).numel())
@@ -68,23 +68,26 @@ def write_safetensors(path, shapes, seed):
     return at
 
 
-def write_snapshot(root, layers):
+def write_snapshot(root, layers, device="cuda", mmdit=None, vae=None):
+    """transformer/ (5 GB shards + index), vae/, scheduler/ and model_index.json of random bf16 weights made on
+    `device`; mmdit / vae: config fields other than the real ones (small widths for a CPU check). Seconds spent;
+    0.0 when a snapshot with the same transformer config is there already."""
     from engine.config import MMDiTConfig, VAEConfig
     from engine.models.mmdit import MMDiT
     from engine.models.vae import QwenImageVAE
     from loaders.vae_layout import to_3d
     root = Path(root)
     tdir = root / "transformer"
+    mcfg = MMDiTConfig(num_layers=layers, **(mmdit or {}))
+    want = json.loads(json.dumps({"_class_name": "QwenImageTransformer2DModel", **mcfg.__dict__}))
     if (tdir / "diffusion_pytorch_model.safetensors.index.json").is_file() and (root / "model_index.json").is_file():
-        cfg = json.loads((tdir / "config.json").read_text())
-        if cfg["num_layers"] == layers:
+        if json.loads((tdir / "config.json").read_text()) == want:
             return 0.0
     t0 = time.perf_counter()
     for d in ("transformer", "vae", "scheduler"):
         (root / d).mkdir(parents=True, exist_ok=True)
         for f in (root / d).iterdir():
             f.unlink()
-    mcfg = MMDiTConfig(num_layers=layers)
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in MMDiT(mcfg).state_dict().items()}
     shards, cur, size = [], {}, 0           # in module order, as save_pretrained splits a state dict
@@ -98,16 +101,16 @@ def write_snapshot(root, layers):
     weight_map, total = {}, 0
     for i, shard in enumerate(shards):
         name = f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        total += write_safetensors(tdir / name, shard, seed=i)
+        total += write_safetensors(tdir / name, shard, seed=i, device=device)
         weight_map.update({k: name for k in shard})
     (tdir / "diffusion_pytorch_model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     (tdir / "config.json").write_text(json.dumps({"_class_name": "QwenImageTransformer2DModel",
                                                   **{k: v for k, v in mcfg.__dict__.items()}}, indent=2))
-    vcfg = VAEConfig(latents_mean=tuple([0.0] * 16), latents_std=tuple([1.0] * 16))
+    vcfg = VAEConfig(latents_mean=tuple([0.0] * 16), latents_std=tuple([1.0] * 16), **(vae or {}))
     with torch.device("meta"):
         vshapes = {k: v.shape for k, v in to_3d(QwenImageVAE(vcfg).state_dict(), vcfg).items()}
-    write_safetensors(root / "vae" / "diffusion_pytorch_model.safetensors", vshapes, seed=99)
+    write_safetensors(root / "vae" / "diffusion_pytorch_model.safetensors", vshapes, seed=99, device=device)
     (root / "vae" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKLQwenImage",
                                                           **{k: v for k, v in vcfg.__dict__.items()}}, indent=2))
     (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(

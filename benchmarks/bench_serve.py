@@ -17,7 +17,6 @@ The JSON is rewritten after every case and an existing --out is extended: --part
 """
 import argparse
 import contextlib
-import functools
 import json
 import os
 import re
@@ -35,7 +34,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import benchmarks.bench_load as bench_load                                                   # noqa: E402
 from benchmarks.bench_load import SHARD, drop_caches, read_floor, write_safetensors, write_snapshot  # noqa: E402
 
 GiB = 2 ** 30
@@ -51,35 +49,6 @@ NARROW = {"MMDiTConfig": dict(attention_head_dim=32, num_attention_heads=2, join
 
 
 # ---- the snapshot -------------------------------------------------------------------------------------
-
-class _CpuTorch:
-    """bench_load's `torch` for the CPU check: it makes its tensors and generator on "cuda"."""
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    def Generator(self, device):
-        return torch.Generator("cpu")
-
-    def empty(self, *shape, device=None, **kw):
-        return torch.empty(*shape, **kw)
-
-
-@contextlib.contextmanager
-def made_as(device, narrow):
-    """bench_load's writer making its tensors on `device`, with NARROW's widths when narrow."""
-    import engine.config as config
-    saved = {k: getattr(config, k) for k in ("MMDiTConfig", "VAEConfig")}
-    bench_load.torch = torch if device == "cuda" else _CpuTorch()
-    for k, cls in saved.items():
-        setattr(config, k, functools.partial(cls, **NARROW[k]) if narrow else cls)
-    try:
-        yield
-    finally:
-        bench_load.torch = torch
-        for k, cls in saved.items():
-            setattr(config, k, cls)
-
 
 def text_encoder_config(text_layers, vision_blocks, narrow=False):
     """config.json in the published flat form (rope_scaling, vision_config), from our config defaults."""
@@ -116,7 +85,7 @@ def text_encoder_shapes(config):
     return {**files, "lm_head.weight": ours["embed_tokens.weight"]}    # untied; the loader skips it
 
 
-def write_text_encoder(root, text_layers, vision_blocks, narrow):
+def write_text_encoder(root, text_layers, vision_blocks, narrow, device="cuda"):
     """text_encoder/ (seconds; 0.0 when there already). lm_head is left out when the disk could not keep
     2 GiB free with it: nothing reads it."""
     folder, config = root / "text_encoder", text_encoder_config(text_layers, vision_blocks, narrow)
@@ -139,7 +108,7 @@ def write_text_encoder(root, text_layers, vision_blocks, narrow):
     weight_map, total = {}, 0
     for i, shard in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        total += write_safetensors(folder / name, shard, seed=200 + i)
+        total += write_safetensors(folder / name, shard, seed=200 + i, device=device)
         weight_map.update({k: name for k in shard})
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
@@ -162,17 +131,11 @@ def write_tokenizers(root):
 
 
 def make_snapshot(args):
-    from engine.config import MMDiTConfig
     root = Path(args.dir)
     root.mkdir(parents=True, exist_ok=True)
-    want = MMDiTConfig(num_layers=args.layers, **(NARROW["MMDiTConfig"] if args.narrow else {})).__dict__
-    config = root / "transformer" / "config.json"
-    if config.is_file() and json.loads(config.read_text()) != json.loads(json.dumps(
-            {"_class_name": "QwenImageTransformer2DModel", **want})):
-        (root / "model_index.json").unlink(missing_ok=True)     # write_snapshot compares only the block count
-    with made_as(args.device, args.narrow):
-        written = write_snapshot(root, args.layers)
-        written += write_text_encoder(root, args.text_layers, args.vision_blocks, args.narrow)
+    narrow = NARROW if args.narrow else {}
+    written = write_snapshot(root, args.layers, args.device, narrow.get("MMDiTConfig"), narrow.get("VAEConfig"))
+    written += write_text_encoder(root, args.text_layers, args.vision_blocks, args.narrow, args.device)
     write_tokenizers(root)
     files = weight_files(root)
     return {"layers": args.layers, "text_layers": args.text_layers, "vision_blocks": args.vision_blocks,
