@@ -14,6 +14,7 @@ from loaders import LoadError, assign
 
 from engine import ops
 from engine.config import MMDiTConfig
+from engine.models.embedding import embedding
 
 
 class RMSNorm(nn.Module):
@@ -154,7 +155,7 @@ class TimeTextEmbed(nn.Module):
         super().__init__()
         self.timestep_embedder = TimestepEmbedder(dim)
         if additional_t_cond:
-            self.addition_t_embedding = nn.Embedding(2, dim)
+            self.addition_t_embedding = embedding(2, dim)
 
 
 class NormOut(nn.Module):

@@ -22,6 +22,7 @@ from loaders.text_encoder_layout import convert_text_encoder_state
 from engine import ops
 from engine.text.processor import TEMPLATE_DROP, Processor
 from engine.text.tokenizer import Tokenizer
+from engine.models.embedding import embedding
 from engine.models.vision import RMSNorm, SwiGLU, VisionConfig, VisionTower, rotate_half
 
 
@@ -141,7 +142,7 @@ class TextEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.visual = VisionTower(vision_cfg)
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
