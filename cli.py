@@ -136,6 +136,7 @@ def _load(model_dir, args, loras, plan=None, warm=None):
     models = load_models(model_dir, device="cpu" if blocks else args.device, dtype=_dtype(args), plan=plan,
                          loras=loras, transformer_file=args.transformer, weights=getattr(args, "weights", None),
                          warm=shapes)
+    models.mod_cache = _cache_dir() / "modulation"      # the table for this schedule: computed once per machine
     if blocks:
         from engine.parallel.blocks import place_blocks
         print(place_blocks(models, args.devices), file=sys.stderr)
@@ -175,6 +176,9 @@ def _edit_one(models, images, tensors, job, out_path, force, run=None):
     write_png(out, out_path, force=force, text=png_text(models, job, out.size, cfg_on))
     line = " ".join(f"{k} {v:.2f}s" for k, v in models.timings.items())
     print(f"wrote {out_path} ({out.width}x{out.height}); {line}")
+    if models.step_times:       # inside denoise: the first step against the others
+        print(f"denoise: modulation table {models.step_times['table']:.2f}s, steps "
+              + " ".join(f"{t:.2f}" for t in models.step_times["steps"]) + " s")
 
 
 def cmd_batch(args):
@@ -478,6 +482,7 @@ def cmd_serve(args):
     """The warm server (engine/server): loads once, then edits over HTTP until interrupted."""
     from engine.server import serve
     args.dtype = _dtype(args)
+    args.mod_cache = _cache_dir() / "modulation"
     if args.device == "cuda":
         _remember_kernel_choices()
     serve(args)

@@ -15,6 +15,7 @@ from loaders import LoadError
 
 from engine import scheduler as sched
 from engine.config import RunOptions
+from engine.pipelines import mod_cache
 from engine.models.mmdit import mask_to_lengths
 from engine.pipelines.edit import SPEC as EDIT
 from engine.pipelines.load import EditModels, load_models, place_models  # noqa: F401 (the pipelines' API)
@@ -121,11 +122,20 @@ def modulations(models, timesteps, t_model):
     """Every block's modulation for every step (the weights visit once). Without a VRAM plan the table is
     kept on the models for the next edit with the same schedule (a server's repeated requests skip the
     precompute); the weights never change after load (LoRAs are fused then). Under a plan it is rebuilt
-    each time: the plan counts on it being freed before the VAE decode."""
+    each time: the plan counts on it being freed before the VAE decode. models.mod_cache (a folder; the
+    CLI and the server set it) keeps tables on disk for the next process (engine.pipelines.mod_cache)."""
     key = (tuple(timesteps.tolist()), models.dtype)
     if models.plan is None and key in models.mod_tables:
         return models.mod_tables[key]
-    mods = modulation_table_streamed(models.transformer, t_model, models.device)
+    mods = None
+    disk = models.mod_cache and mod_cache.table_key(models, key[0])     # a folder: the table kept on disk
+    if disk:
+        mods = mod_cache.load_table(models.mod_cache, disk, models.device, len(t_model),
+                                    len(models.transformer.transformer_blocks), models.dtype)
+    if mods is None:
+        mods = modulation_table_streamed(models.transformer, t_model, models.device)
+        if disk:
+            mod_cache.save_table(models.mod_cache, disk, mods)
     if models.plan is None:
         models.mod_tables.clear()      # one schedule kept: 26 MB at 4 steps, 330 MB at 50 (full size, bf16)
         models.mod_tables[key] = mods
@@ -147,9 +157,13 @@ def denoise(models, latents, cond_tokens, txt, txt_len, img_shapes, sigmas, time
     B = txt.shape[0]
     rope = mm.rope(img_shapes, txt.shape[1], dev)
     t_model = [(ts.to(dt) / 1000).to(dev) for ts in timesteps]  # the reference's timestep / 1000
+    t0 = time.perf_counter()
     mods = modulations(models, timesteps, t_model)  # every step's, before the loop
     split = plan.cfg_split if plan is not None else "batched"
     sigmas = sigmas.to(dev)
+    _sync(dev)
+    marks = [time.perf_counter()]
+    models.step_times = {"table": marks[0] - t0, "steps": []}    # seconds: the modulation table, then each step
     for i in range(len(timesteps)):
         t = t_model[i].expand(B)
         x = torch.cat([latents.expand(B, -1, -1), cond_tokens], dim=1)
@@ -168,6 +182,9 @@ def denoise(models, latents, cond_tokens, txt, txt_len, img_shapes, sigmas, time
         latents = sched.euler_step(latents, v, sigmas[i], sigmas[i + 1])
         if blend is not None:
             latents = blend(i, latents)
+        _sync(dev)                  # each step's own time (a progress bar that moves with the GPU)
+        marks.append(time.perf_counter())
+        models.step_times["steps"].append(marks[-1] - marks[-2])
         if progress is not None:
             progress(i)
     return latents

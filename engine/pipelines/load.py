@@ -2,6 +2,7 @@
 load) and placing them on the device, streamed under a VRAM plan."""
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -28,9 +29,12 @@ class EditModels:
     spec: EditSpec = None       # the snapshot's pipeline (None: the original Edit)
     source: dict = field(default_factory=dict)  # model folder, transformer file, LoRAs: for the PNG's text
     timings: dict = field(default_factory=dict)
+    step_times: dict = field(default_factory=dict)  # the last denoise: {"table": s, "steps": [s per step]}
     peaks: dict = field(default_factory=dict)   # stage -> (VRAM allocated, reserved) at its peak; CUDA only
     mod_tables: dict = field(default_factory=dict)  # the last schedule's modulation table (common.modulations)
     mod_host: object = None     # engine.vram.offload.HostModulation: img_mod/txt_mod in (pinned) host buffers
+    weight_files: list = field(default_factory=list)    # the transformer's files: the modulation tables' key
+    mod_cache: object = None    # a folder for modulation tables on disk (engine.pipelines.mod_cache), or None
 
     def memory_summary(self):
         """Peak host RAM; on CUDA the peak VRAM (allocated, reserved) over the run and allocated per stage
@@ -106,6 +110,8 @@ def load_models(model_dir, device="cpu", dtype="float32", plan=None, loras=(), t
     models.source = {"model": snap.root.name, "transformer": transformer_file and str(transformer_file),
                      "loras": [(str(getattr(p, "path", p)), float(s)) for p, s in loras], "notes": [],
                      "weights": weights}
+    models.weight_files = [Path(transformer_file)] if transformer_file else sorted(
+        (snap.root / "transformer").glob("*.safetensors"))
     if transformer_file:
         from loaders.single_file import summary
         models.source["notes"].append(summary(transformer.source))

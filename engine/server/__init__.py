@@ -82,7 +82,7 @@ def prepare(args):
         print(summary(plan, max_pixels), file=sys.stderr)
     worker = Worker(args.model, args.device, args.dtype, loras, args.transformer, plan, args.queue,
                     weights=getattr(args, "weights", None), text_weights=getattr(args, "text_weights", None),
-                    text_encoder_file=getattr(args, "text_encoder", None))
+                    text_encoder_file=getattr(args, "text_encoder", None), mod_cache=getattr(args, "mod_cache", None))
     return worker, Limits(spec, max_pixels, why)
 
 

@@ -82,8 +82,10 @@ class Worker:
     everything torch runs on the worker's thread."""
 
     def __init__(self, model_dir, device="cpu", dtype="float32", loras=(), transformer_file=None, plan=None,
-                 queue_size=16, log=sys.stderr, weights=None, text_weights=None, text_encoder_file=None):
+                 queue_size=16, log=sys.stderr, weights=None, text_weights=None, text_encoder_file=None,
+                 mod_cache=None):
         self.model_dir, self.device, self.dtype, self.plan = model_dir, device, dtype, plan
+        self.mod_cache = mod_cache      # a folder for modulation tables on disk (engine.pipelines.mod_cache)
         self.loras, self.transformer_file, self.queue_size, self.log = list(loras), transformer_file, queue_size, log
         self.weights = weights          # None | "bf16" | "fp8", as load_models takes it
         self.text_weights, self.text_encoder_file = text_weights, text_encoder_file   # as load_text_model takes them
@@ -240,6 +242,7 @@ class Worker:
             self._stream_text_encoder()
         self.models = load_models(self.model_dir, self.device, self.dtype, self.plan, self.loras, self.transformer_file,
                                   weights=self.weights)
+        self.models.mod_cache = self.mod_cache
         for line in self.models.source.get("notes", []):
             print(f"note: {line}", file=self.log)
         print(f"loaded {self.model} ({self.spec.class_name}) on {self.device} in {time.perf_counter() - t0:.2f}s",
