@@ -36,7 +36,7 @@ class Snapshot:
     def tensor_index(self, name, device="cpu"):
         """{key: loaders.fast_read.TensorInfo} of a component from its files' headers, or None when a file holds a
         dtype the fast reader does not take, or when it does not serve loads to `device` (fast_read.reads_fast:
-        QIE_READER=safe_open, the old path the comparisons use; GPU loads unless QIE_READER=fast); then
+        QIE_READER=safe_open, the old path the comparisons use); then
         weights() reads it through safe_open."""
         from .fast_read import reads_fast, tensor_index
         self.require(name)

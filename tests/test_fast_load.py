@@ -399,7 +399,7 @@ def test_cuda_load_models_places_and_pins(snap, resident, monkeypatch):
     from engine.pipelines.load import load_models
     from engine.vram.offload import modulation_table_streamed
     plan = None if resident is None else SimpleNamespace(mmdit_resident=resident)
-    monkeypatch.setenv("QIE_READER", "fast")     # GPU loads take the fast reader only when asked, for now
+    monkeypatch.delenv("QIE_READER", raising=False)     # the default reader: the fast one on CUDA too
     models = load_models(snap, "cuda", "bfloat16", plan=plan)
     want = old_mmdit(snap, torch.bfloat16, monkeypatch)
     blocks = len(models.transformer.transformer_blocks)
