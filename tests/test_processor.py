@@ -197,3 +197,17 @@ def test_refusals(folders):
         ours(["x"], Image.new("RGB", (14, 3000)))
     with pytest.raises(PromptError, match="image_pad"):
         ours(["a <|image_pad|> b"], image)
+
+
+def test_a_folder_is_read_once_while_its_files_stay(tmp_path):
+    """Sizing a plan and encoding both ask for the tokenizer: one parse per process; a rewritten file is read
+    again."""
+    src = qwen_tokenizer_files()
+    shutil.copytree(src, tmp_path / "tok")
+    first = Tokenizer.from_folder(tmp_path / "tok")
+    assert Tokenizer.from_folder(tmp_path / "tok") is first
+    config = tmp_path / "tok" / "tokenizer_config.json"
+    data = json.loads(config.read_text())
+    config.write_text(json.dumps({**data, "padding_side": "left"}))
+    again = Tokenizer.from_folder(tmp_path / "tok")
+    assert again is not first and again.padding_side == "left" and first.padding_side != "left"
