@@ -6,7 +6,8 @@ from benchmarks.report_kernels import e2e_section, kernels_section, readme_atten
 from benchmarks.report_bench import bench_section
 from benchmarks.report_family import family_section, readme_family
 from benchmarks.report_fp8 import fp8_section
-from benchmarks.report_fp8_forward import fp8_forward_section, readme_fp8_forward
+from benchmarks.report_fp8_forward import fp8_forward_section, merge_compiled, readme_fp8_forward
+from benchmarks.report_load import load_section, readme_load
 from benchmarks.report_plus import plus_section, readme_plus
 from benchmarks.report_serve import readme_serve, serve_section
 
@@ -147,12 +148,14 @@ def main():
              "are single steps (said there). Every ratio is against a baseline measured in the same run on the "
              "same GPU.", ""]
     readme = {}
-    offload, fp8 = {}, {}
+    offload, fp8, compiled = {}, {}, []
     for path in sorted((HERE / "results").glob("*.json")):  # for README, the last file of each kind wins
         d = json.loads(path.read_text())
         if path.name.startswith("offload_"):
             offload["ours" if "runs" in d else "ref"] = (path.name, d)
-        elif path.name.startswith(("fp8_forward", "fp8_compiled", "plus_fp8")):   # paired below
+        elif path.name.startswith("fp8_compiled"):        # every one: merged per case below
+            compiled.append((path.name, d))
+        elif path.name.startswith(("fp8_forward", "plus_fp8")):   # paired below
             fp8[path.name.split("_")[1].replace("fp8", "edit")] = (path.name, d)
         elif path.name.startswith("plus_"):
             lines += plus_section(path.name, d)
@@ -166,6 +169,9 @@ def main():
         elif path.name.startswith("serve_"):
             lines += serve_section(path.name, d)
             update_readme(readme_serve(d), "SERVE")
+        elif path.name.startswith("load_"):
+            lines += load_section(path.name, d)
+            update_readme(readme_load(d), "LOAD")
         elif path.name.startswith("vae_memory"):
             lines += _vae_memory(path.name, d)
         elif "benchmarks" in d and "machine_info" in d:   # pytest-benchmark JSON of benchmarks/test_bench_*.py
@@ -181,10 +187,9 @@ def main():
             lines += kernels_section(path.name, d, extra)
             readme["kernels"] = readme_attention(d)
     if "forward" in fp8:
-        (fn, f), (cn, c) = fp8["forward"], fp8.get("compiled", (None, None))
-        edit = fp8.get("edit")
-        lines += fp8_forward_section(fn, f, c, cn, edit)
-        update_readme(readme_fp8_forward(f, c, cn, edit), "FP8")
+        (fn, f), runs, edit = fp8["forward"], merge_compiled(compiled), fp8.get("edit")
+        lines += fp8_forward_section(fn, f, runs, edit)
+        update_readme(readme_fp8_forward(f, runs, edit), "FP8")
     if "ours" in offload and "ref" in offload:
         (on, o), (rn, r) = offload["ours"], offload["ref"]
         lines += _offload(o, r, f"{on}` + `{rn}")

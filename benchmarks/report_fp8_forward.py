@@ -1,10 +1,11 @@
 """RESULTS.md section and README table for benchmarks/bench_fp8_forward.py (issue 11): the 60-block forward, ours
 fp8 and bf16 against diffusers bf16 eager, compiled, and torchao fp8 compiled.
 
-Two files: `fp8_forward_*.json` (diffusers eager with ours, one process) and `fp8_compiled_*.json` (diffusers eager
-again with its compiled and torchao variants, another process: compiling is minutes, so it ran on its own). Each
-file's ratios are against the diffusers eager baseline of the same file; "ours / torchao" is the quotient of two
-such ratios, said so where it is printed."""
+Two kinds of file: `fp8_forward_*.json` (diffusers eager with ours, one process) and `fp8_compiled_*.json` (diffusers
+eager again with its compiled and torchao variants, other processes: compiling is minutes, so they ran on their own,
+a few cases at a time). Each case's compiled row comes whole from the newest compiled file that has it
+(`merge_compiled`), and every ratio is against the diffusers eager baseline of the same file; "ours / torchao" is
+the quotient of two such ratios, said so where it is printed."""
 
 CASES = {"1024_b1": "1024² edit, B=1", "1024_b2": "1024² edit, B=2 (CFG)", "4k_b1": "4K edit, B=1"}
 OURS = (("ours_bf16", "ours bf16"), ("ours_fp8", "ours fp8"), ("ours_fp8_attention_fp8", "ours fp8 + fp8 attention"))
@@ -27,27 +28,43 @@ def _ratio(rows, key):
     return None if ms is None or base is None else ms / base
 
 
-def _cell(ms, ratio):
-    return "—" if ms is None else f"{ms:.0f} ms ({ratio:.2f})"
+def _cell(rows, key):
+    if f"{key}_error" in rows:
+        return "failed"
+    ms = _ms(rows, key)
+    return "not measured" if ms is None else f"{ms:.0f} ms ({_ratio(rows, key):.2f})"
 
 
 def _target(value, limit):
-    return "—" if value is None else f"{value:.3f} ({'met' if value <= limit else 'missed'})"
+    return "not measured" if value is None else f"{value:.3f} ({'met' if value <= limit else 'missed'})"
 
 
-def table(d, compiled=None):
-    """The README rows: one per case, every time with its ratio to the same file's diffusers eager."""
-    other = (compiled or {}).get("cases", {})
+def merge_compiled(named):
+    """{case: (file name, payload)} from every fp8_compiled file [(name, payload)]: the newest file (env.date) with
+    an eager time for a case gives that whole case, its eager baseline with it, so no ratio mixes two runs."""
+    runs = {}
+    for name, d in sorted(named, key=lambda nd: nd[1]["env"]["date"]):
+        for case, rows in d.get("cases", {}).items():
+            if _ms(rows, "diffusers") is not None:
+                runs[case] = (name, d)
+    return runs
+
+
+def _theirs(runs, case):
+    return runs[case][1]["cases"][case] if case in (runs or {}) else {}
+
+
+def table(d, runs=None):
+    """The README rows: one per case, every time with its ratio to its own file's diffusers eager."""
     out = ["| case | diffusers eager | " + " | ".join(n for _, n in OURS + THEIRS)
-           + " | best ours fp8 / eager (target ≤ 0.5) | best ours fp8 / torchao (target ≤ 0.8) |",
+           + " | best ours fp8 / eager (target ≤ 0.5) | best ours fp8 / torchao, ratio of ratios (target ≤ 0.8) |",
            "|---|---:|" + "---:|" * (len(OURS) + len(THEIRS)) + "---:|---:|"]
     for case, rows in d["cases"].items():
         if _ms(rows, "diffusers") is None:
             out.append(f"| {CASES.get(case, case)} | {rows.get('error', 'not run')} |")
             continue
-        theirs = other.get(case, {})
-        cells = [_cell(_ms(rows, k), _ratio(rows, k)) for k, _ in OURS]
-        cells += [_cell(_ms(theirs, k), _ratio(theirs, k)) for k, _ in THEIRS]
+        theirs = _theirs(runs, case)
+        cells = [_cell(rows, k) for k, _ in OURS] + [_cell(theirs, k) for k, _ in THEIRS]
         best = min((r for r in (_ratio(rows, "ours_fp8"), _ratio(rows, "ours_fp8_attention_fp8")) if r), default=None)
         torchao = _ratio(theirs, "torchao_fp8_compiled")
         out.append(f"| {CASES.get(case, case)} | {_ms(rows, 'diffusers'):.0f} ms | " + " | ".join(cells)
@@ -55,15 +72,28 @@ def table(d, compiled=None):
     return out
 
 
-def accuracy(d, compiled=None):
+def _run(d):
+    e, c = d["env"], d["ceilings"]
+    return (f"{e['gpu']}, torch {e['torch']}, {e['date']}, ceilings bf16 {c['matmul_tflops']:.0f} / fp8 "
+            f"{c['fp8_rowwise_tflops']:.0f} TFLOP/s")
+
+
+def sources(runs):
+    """Which compiled file (and run) each case's compiled and torchao cells come from."""
+    files = {}
+    for case, (name, d) in runs.items():
+        files.setdefault(name, (d, []))[1].append(CASES.get(case, case))
+    return "; ".join(f"{', '.join(cases)} from `{name}` ({_run(d)})" for name, (d, cases) in files.items())
+
+
+def accuracy(d, runs=None):
     """rel L2 lines: ours fp8 vs ours bf16 against torchao fp8 vs diffusers bf16 (same weights and inputs)."""
-    other = (compiled or {}).get("cases", {})
     out = []
     for case, rows in d["cases"].items():
         r = rows.get("rel_l2")
         if not r:
             continue
-        t = other.get(case, {}).get("torchao_fp8_compiled", {}).get("rel_l2_vs_diffusers_bf16")
+        t = _theirs(runs, case).get("torchao_fp8_compiled", {}).get("rel_l2_vs_diffusers_bf16")
         verdict = "" if t is None else f"; torchao fp8 vs diffusers bf16 {t:.3f} (target ours ≤ torchao: " \
                                        f"{'met' if r['ours_fp8_vs_ours_bf16'] <= t else 'missed'})"
         out.append(f"- {CASES.get(case, case)}: ours fp8 vs ours bf16 {r['ours_fp8_vs_ours_bf16']:.3f}, with fp8 "
@@ -148,16 +178,18 @@ def whole_edit(named):
                 f"{px['max']}/255, mean {px['mean']:.4f}/255 (random weights)."]
 
 
-def readme_fp8_forward(d, compiled=None, compiled_name=None, edit=None):
+def readme_fp8_forward(d, runs=None, edit=None):
+    """runs: merge_compiled's {case: (name, payload)}; edit: bench_plus's (name, payload) or None."""
     head = _env(d) + ". Full-size random bf16 weights shared by every variant; fp8 = the 720 block Linears in e4m3 " \
                      "with per-channel scales (ours: quantized on load; torchao: `Float8DynamicActivationFloat8" \
                      "WeightConfig(PerRow)`), activations per token. Each cell: ms (× diffusers eager of the same run)."
-    if compiled:
-        head += (f" The compiled and torchao columns come from a second run (`{compiled_name}`: {_env(compiled)}) "
-                 "with its own eager baseline; ours / torchao divides the two runs' ratios.")
-    return ([head, ""] + table(d, compiled) + [""] + accuracy(d, compiled) + resident(d) + profile(d)
+    if runs:
+        head += (" The compiled and torchao columns come from other runs, each with its own eager baseline (where "
+                 f"several files have a case, the newest gives it whole): {sources(runs)}. Ours / torchao is a ratio "
+                 "of ratios: (best ours fp8 / eager, this run) ÷ (torchao / eager, that case's compiled run).")
+    return ([head, ""] + table(d, runs) + [""] + accuracy(d, runs) + resident(d) + profile(d)
             + whole_edit(edit) + projection(d))
 
 
-def fp8_forward_section(name, d, compiled=None, compiled_name=None, edit=None):
-    return [f"### fp8 forward, 60 blocks — `{name}`", ""] + readme_fp8_forward(d, compiled, compiled_name, edit) + [""]
+def fp8_forward_section(name, d, runs=None, edit=None):
+    return [f"### fp8 forward, 60 blocks — `{name}`", ""] + readme_fp8_forward(d, runs, edit) + [""]

@@ -129,3 +129,100 @@ def test_gpu_rows_record_per_call_device_time(tmp_path):
               f"{100 * row['extra_info']['frac_of_ceiling']:.0f}% of {row['extra_info']['ceiling']}")
         assert t == pytest.approx(ms, rel=0.10), (op, t, ms)
         assert 0 < row["extra_info"]["frac_of_ceiling"] < 1.05, row["extra_info"]
+
+
+# ---- fp8 forward: compiled files merged per case; load report (synthetic payloads, no GPU) -------------
+
+GiB = 2 ** 30
+
+
+def _run(date, cases):
+    return {"env": {"gpu": "GPU", "torch": "2.x", "triton": "3.x", "date": date},
+            "ceilings": {"matmul_tflops": 700.0, "fp8_rowwise_tflops": 1300.0, "copy_gbs": 4000.0},
+            "cases": {case: {k: {"ms": ms} for k, ms in rows.items()} for case, rows in cases.items()}}
+
+
+FORWARD = _run("2026-12-02 04:47 UTC", {
+    "1024_b1": dict(diffusers=400.0, ours_bf16=300.0, ours_fp8=240.0, ours_fp8_attention_fp8=260.0),
+    "1024_b2": dict(diffusers=800.0, ours_bf16=600.0, ours_fp8=440.0, ours_fp8_attention_fp8=480.0),
+    "4k_b1": dict(diffusers=5000.0, ours_bf16=4500.0, ours_fp8=4000.0, ours_fp8_attention_fp8=3500.0)})
+# the older file has both 1024² cases (no torchao at B=2), the newer one B=2 alone with its own eager time
+COMPILED = [("a_new.json", _run("2026-12-02 04:50 UTC", {
+                "1024_b2": dict(diffusers=880.0, diffusers_compiled=700.0, torchao_fp8_compiled=572.0)})),
+            ("b_old.json", _run("2026-12-02 02:44 UTC", {
+                "1024_b1": dict(diffusers=500.0, diffusers_compiled=450.0, torchao_fp8_compiled=400.0),
+                "1024_b2": dict(diffusers=1000.0, diffusers_compiled=830.0)}))]
+
+LOAD = {"env": {"gpu": "GPU", "torch": "2.x", "date": "2026-12-02 04:35 UTC"}, "layers": 60, "bytes": 40 * 10 ** 9,
+        "threads": 8, "chunk": 32 << 20, "dropped": True, "floor": {"seconds": 25.0, "gbs": 1.6},
+        "load": {name: dict(seconds=s, peak_rss=int(rss * GiB), host_must=must * GiB, resident_blocks=blocks,
+                            fingerprint=fp, rss_after_cuda_init=GiB, vram_allocated=20 * GiB)
+                 for name, s, rss, must, blocks, fp in (("old resident", 50.0, 30, 12, 60, 7),
+                                                        ("new resident", 28.0, 13.5, 12, 60, 7),
+                                                        ("old 16 GiB", 52.0, 36, 26, 28, 8),
+                                                        ("new 16 GiB", 32.0, 27, 26, 28, 9))},
+        "forward_run": {"env": {"date": "2026-12-02 04:44 UTC"}},
+        "forward": {"cuda_init": 0.01, "modulation_table_4_steps": 2.0,
+                    "forward_0": 1.5, "forward_1": 0.6, "forward_2": 0.6, "forward_3": 0.6},
+        "forward_warmed": {"warm_up": 4.0, "forward_0": 0.66, "forward_1": 0.6, "forward_2": 0.6, "forward_3": 0.6,
+                           "attention_backends": {"key": "cudnn"}}}
+
+
+def test_fp8_compiled_merge_newest_case_wins_against_its_own_eager():
+    from benchmarks.report_fp8_forward import merge_compiled, readme_fp8_forward
+    runs = merge_compiled(COMPILED)
+    assert {case: name for case, (name, _) in runs.items()} == {"1024_b1": "b_old.json", "1024_b2": "a_new.json"}
+    lines = readme_fp8_forward(FORWARD, runs)
+    assert "1024² edit, B=1 from `b_old.json` (GPU, torch 2.x, 2026-12-02 02:44 UTC" in lines[0]
+    assert "1024² edit, B=2 (CFG) from `a_new.json` (GPU, torch 2.x, 2026-12-02 04:50 UTC" in lines[0]
+    assert "ratio of ratios" in lines[0]
+    rows = {c[0]: c for c in (_cells(x) for x in lines if x.startswith("| ") and not x.startswith("| case"))}
+    # compiled cells against the compiled file's eager; ours / torchao = (ours / forward eager) / (torchao / its eager)
+    assert rows["1024² edit, B=1"][5:] == ["450 ms (0.90)", "400 ms (0.80)", "0.600 (missed)", "0.750 (met)"]
+    assert rows["1024² edit, B=2 (CFG)"][5:] == ["700 ms (0.80)", "572 ms (0.65)", "0.550 (missed)", "0.846 (missed)"]
+    assert rows["4K edit, B=1"][1:] == ["5000 ms", "4500 ms (0.90)", "4000 ms (0.80)", "3500 ms (0.70)",
+                                        "not measured", "not measured", "0.700 (missed)", "not measured"]
+
+
+def test_report_main_merges_every_compiled_file_and_fills_load(tmp_path, monkeypatch):
+    from benchmarks import report
+    here = tmp_path / "benchmarks"
+    (here / "results").mkdir(parents=True)
+    for name, d in COMPILED:
+        (here / "results" / f"fp8_compiled_{name}").write_text(json.dumps(d))
+    (here / "results" / "fp8_forward_x.json").write_text(json.dumps(FORWARD))
+    (here / "results" / "load_x.json").write_text(json.dumps(LOAD))
+    (tmp_path / "README.md").write_text("a\n<!-- FP8:start -->\nold\n<!-- FP8:end -->\nb\n"
+                                        "<!-- LOAD:start -->\n<!-- LOAD:end -->\nc\n")
+    monkeypatch.setattr(report, "HERE", here)
+    report.main()
+    readme = (tmp_path / "README.md").read_text()
+    assert "\nold\n" not in readme and readme.startswith("a\n") and readme.endswith("<!-- LOAD:end -->\nc\n")
+    assert "| 1024² edit, B=2 (CFG) | 800 ms |" in readme and "572 ms (0.65)" in readme and "400 ms (0.80)" in readme
+    assert "| new resident | 28.0 |" in readme
+    assert "### Loading from disk and the first forward — `load_x.json`" in (here / "RESULTS.md").read_text()
+
+
+def test_load_report_rows_and_first_forward():
+    from benchmarks.report_load import load_section, readme_load
+    lines = readme_load(LOAD)
+    assert lines[0].startswith("GPU, torch 2.x, 2026-12-02 04:35 UTC; 40.0 GB on disk")
+    assert "read floor 25.0 s = 1.60 GB/s (the same files read with the reader's 8 threads and 32 MiB reads" in lines[0]
+    rows = {c[0]: c[1:] for c in (_cells(x) for x in lines if x.startswith("| ") and not x.startswith("| case"))}
+    # s, GB/s = 40 GB / s, s / 25 s floor, peak RSS against host must + 2 GiB, blocks, fingerprint against old's
+    assert rows == {
+        "old resident": ["50.0", "0.80", "2.00 (missed)", "30.00 (missed)", "12.00 + 2 = 14.00", "60/60", "—"],
+        "new resident": ["28.0", "1.43", "1.12 (met)", "13.50 (met)", "12.00 + 2 = 14.00", "60/60", "yes"],
+        "old 16 GiB": ["52.0", "0.77", "2.08 (missed)", "36.00 (missed)", "26.00 + 2 = 28.00", "28/60", "—"],
+        "new 16 GiB": ["32.0", "1.25", "1.28 (missed)", "27.00 (met)", "26.00 + 2 = 28.00", "28/60", "**no**"]}
+    first = [x for x in lines if x.startswith("- ")]
+    assert len(first) == 2 and "2026-12-02 04:44 UTC" in lines[lines.index(first[0]) - 2]
+    assert first[0].startswith("- `forward`, nothing warmed: forwards 1.500, 0.600, 0.600, 0.600 s; first / second "
+                               "2.50 (target ≤ 1.2: missed), first − second +0.900 s; CUDA init 0.010 s, "
+                               "modulation table (4 steps) 2.000 s")
+    assert "first / second 1.10 (target ≤ 1.2: met)" in first[1] and "warm_up 4.000 s" in first[1]
+    assert first[1].endswith("; attention backend cudnn")
+    section = load_section("load_x.json", LOAD)
+    assert section[0] == "### Loading from disk and the first forward — `load_x.json`"
+    assert ("| new resident | 28.0 | 1.43 | 1.12 (met) | 13.50 (met) | 12.00 + 2 = 14.00 | 60/60 | yes | 1.00 | 20.00 "
+            "| 7 |") in section
