@@ -9,7 +9,7 @@ from benchmarks.report_fp8 import fp8_section
 from benchmarks.report_fp8_forward import fp8_forward_section, merge_compiled, readme_fp8_forward
 from benchmarks.report_load import load_section, readme_load
 from benchmarks.report_plus import plus_section, readme_plus
-from benchmarks.report_serve import readme_serve, serve_section
+from benchmarks.report_serve import readme_serve, readme_trace, serve_section, trace_section
 
 HERE = Path(__file__).parent
 
@@ -166,6 +166,9 @@ def main():
         elif path.name.startswith("family_"):
             lines += family_section(path.name, d)
             update_readme(readme_family(d), "FAMILY")
+        elif path.name.startswith("trace_cli"):
+            lines += trace_section(path.name, d)
+            update_readme(readme_trace(d), "TRACE")
         elif path.name.startswith("serve_"):
             lines += serve_section(path.name, d)
             update_readme(readme_serve(d), "SERVE")

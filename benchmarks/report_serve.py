@@ -9,6 +9,14 @@ def _gib(b):
     return f"{b / GiB:.1f}" if b else "–"
 
 
+def _yes(flag):
+    return "yes" if flag else "no"
+
+
+def _verdict(ok):
+    return "met" if ok else "missed"
+
+
 def _head(d):
     env, sn = d["env"], d.get("snapshot", {})
     size = (f"{sn['bytes'] / 1e9:.1f} GB snapshot ({sn['layers']} blocks, {sn['text_layers']} text layers)"
@@ -22,7 +30,7 @@ def _cli_rows(d):
     if "cases" not in c:
         return [f"CLI: {c.get('error', 'not run')}"] if c else []
     rows = [f"`cli.py edit`, {d['steps']} steps, CFG 4. Read floor {c['floor_s']:.1f} s = {c['bytes_read'] / 1e9:.1f} "
-            f"GB at {c['read_gbs']:.2f} GB/s sequential (page cache dropped: {c['dropped']}).", "",
+            f"GB at {c['read_gbs']:.2f} GB/s sequential (page cache dropped: {_yes(c['dropped'])}).", "",
             "| case | wall s | / read floor | " + " | ".join(STAGES) + " | peak host RSS GiB |",
             "|---|---:|---:|" + "---:|" * len(STAGES) + "---:|"]
     for name, r in c["cases"].items():
@@ -43,8 +51,8 @@ def _serve_rows(d):
     rows = ["| server | |", "|---|---|", f"| start (spawn → /health ready) | {s['start_s']:.1f} s, "
             f"{_gib(s.get('rss_ready'))} GiB RSS |"]
     if "median_s" in e:
-        ratio = (f"; stage compute {e['stage_sum_s']:.2f} s, latency / compute {e['ratio']:.2f} (target ≤ 1.15)"
-                 if "ratio" in e else "; stage compute not logged by the server")
+        ratio = (f"; stage compute {e['stage_sum_s']:.2f} s, latency / compute {e['ratio']:.3f} (target ≤ 1.15: "
+                 f"{_verdict(e['ratio'] <= 1.15)})" if "ratio" in e else "; stage compute not logged by the server")
         rows.append(f"| `POST /v1/edit`, {d['steps']} steps, CFG 1 | first {e['first_s']:.2f} s, then "
                     f"{e['median_s']:.2f} s{ratio} |")
     if "latency_s" in n:
@@ -56,7 +64,7 @@ def _serve_rows(d):
                     f"{_gib(j['rss_after'])} GiB |")
     if "right" in b:
         rows.append(f"| 20 bad requests among 5 good ones | {b['right']}/{b['requests']} answered with the right "
-                    f"code; health ready after: {b['health_ready']}; RSS {_gib(b['rss_after'])} GiB |")
+                    f"code; health ready after: {_yes(b['health_ready'])}; RSS {_gib(b['rss_after'])} GiB |")
     rows += [f"| {k} | failed: {s[k]['error'][:120]} |" for k in ("edit", "default", "jobs", "bad")
              if "error" in s.get(k, {})]
     return rows
@@ -69,3 +77,32 @@ def serve_section(name, d):
 
 def readme_serve(d):
     return [_head(d), ""] + _cli_rows(d) + [""] + _serve_rows(d)
+
+
+# ---- benchmarks/trace_cli.py: where a CLI edit's wall time goes -----------------------------------------
+
+def readme_trace(d):
+    """The trace's runs as a table (seconds): wall, its parts, the stages, the first step against the later."""
+    argv = " ".join(d["argv"])
+    rows = [f"{d['env']['gpu']}, torch {d['env']['torch']}, {d['env']['date']}; `cli.py {argv}`, each run a fresh "
+            f"process. {d.get('snapshot', '')}.", ""]
+    rows += [f"- `{name}`: {what}" for name, what in d.get("checkouts", {}).items()] + [""]
+    rows += ["| run | checkout | wall | start | main | stages | main outside stages | teardown | modulation table "
+             "| steps | first / later step |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for r in d["runs"]:
+        if "error" in r:
+            rows.append(f"| {r['case']} | | failed: {r['error'].splitlines()[-1][:100]} |" + " |" * 8)
+            continue
+        steps = (r.get("denoise") or {}).get("steps")
+        table = (r.get("denoise") or {}).get("table")
+        flags = "".join(f" ({f})" for f in r["flags"])
+        first = f"{steps[0] / (sum(steps[1:]) / len(steps[1:])):.2f}" if steps and len(steps) > 1 else "–"
+        rows.append(f"| {r['case']} | `{r['root']}`{flags} | {r['wall_s']:.2f} | {r['start_s']:.2f} | "
+                    f"{r['main_s']:.2f} | {r['stage_sum_s']:.2f} | {r['main_outside_stages_s']:.2f} | "
+                    f"{r['teardown_s']:.2f} | {'–' if table is None else f'{table:.2f}'} | "
+                    f"{' '.join(f'{t:.2f}' for t in steps) if steps else 'not printed'} | {first} |")
+    return rows
+
+
+def trace_section(name, d):
+    return [f"### Where a CLI edit's wall time goes — `{name}`", ""] + readme_trace(d) + [""]

@@ -226,3 +226,32 @@ def test_load_report_rows_and_first_forward():
     assert section[0] == "### Loading from disk and the first forward — `load_x.json`"
     assert ("| new resident | 28.0 | 1.43 | 1.12 (met) | 13.50 (met) | 12.00 + 2 = 14.00 | 60/60 | yes | 1.00 | 20.00 "
             "| 7 |") in section
+
+
+TRACE = {"argv": ["edit", "--model", "M"], "env": {"gpu": "GPU", "torch": "2.x", "date": "2026-12-02 05:07 UTC"},
+         "snapshot": "12 blocks", "checkouts": {"old": "before", ".": "after"},
+         "runs": [dict(case="old", root="old", flags=[], wall_s=25.0, start_s=0.1, main_s=24.0, stage_sum_s=12.0,
+                       main_outside_stages_s=12.0, teardown_s=0.9, denoise=None),
+                  dict(case="new_exit", root=".", flags=["fast-exit"], wall_s=14.0, start_s=0.1, main_s=13.4,
+                       stage_sum_s=7.5, main_outside_stages_s=5.9, teardown_s=0.5,
+                       denoise={"table": 0.0, "steps": [0.26, 0.13, 0.13, 0.13]}),
+                  dict(case="broken", error="Traceback\nRuntimeError: boom")]}
+
+
+def test_trace_report_rows():
+    from benchmarks.report_serve import readme_serve, readme_trace
+    lines = readme_trace(TRACE)
+    assert lines[0].startswith("GPU, torch 2.x, 2026-12-02 05:07 UTC; `cli.py edit --model M`") and "12 blocks" in lines[0]
+    assert "- `old`: before" in lines and "- `.`: after" in lines
+    rows = {c[0]: c[1:] for c in (_cells(x) for x in lines if x.startswith("| ") and not x.startswith("| run"))}
+    assert rows["old"] == ["`old`", "25.00", "0.10", "24.00", "12.00", "12.00", "0.90", "–", "not printed", "–"]
+    # first / later = 0.26 / mean(0.13, 0.13, 0.13)
+    assert rows["new_exit"] == ["`.` (fast-exit)", "14.00", "0.10", "13.40", "7.50", "5.90", "0.50", "0.00",
+                                "0.26 0.13 0.13 0.13", "2.00"]
+    assert rows["broken"][1] == "failed: RuntimeError: boom"
+    serve = {"env": TRACE["env"], "size": 1024, "steps": 4,
+             "serve": {"start_s": 20.0, "rss_ready": GiB, "edit": {"first_s": 2.2, "median_s": 1.7267,
+                                                                   "stage_sum_s": 1.5, "ratio": 1.1511},
+                       "bad": {"right": 25, "requests": 25, "health_ready": True, "rss_after": GiB}}}
+    text = "\n".join(readme_serve(serve))
+    assert "latency / compute 1.151 (target ≤ 1.15: missed)" in text and "health ready after: yes" in text
