@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_load import SHARD, drop_caches, read_floor, write_safetensors, write_snapshot  # noqa: E402
+from benchmarks.trace_cli import denoise_steps  # noqa: E402
 
 GiB = 2 ** 30
 PROMPT = "把背景换成雪天"
@@ -177,6 +178,7 @@ def cli_case(args, work, env, name, extra):
     r["stages"] = {"text_encode": float(encoded.group(1)), **stage_pairs(wrote.split("; ", 1)[1])}
     r["stage_sum_s"] = sum(v for k, v in r["stages"].items() if k != "warm_up")   # warm_up runs inside load
     r["memory"] = next((line for line in stdout.splitlines() if line.startswith("peak host RAM")), None)
+    r["denoise"] = denoise_steps(stdout)        # the modulation table, then each step (None before the CLI said)
     return r
 
 
