@@ -418,7 +418,9 @@ def cmd_encode(args):
     images = inputs.read_images(args.image, args.model)
     inputs.check_text_encoder(args.text_encoder, args.model)
     tensors = _encode(args.model, images, args)
-    write_tensors(tensors, args.out, force=args.force)
+    made_by = {"model": Path(args.model).resolve().name, "text_encoder": args.text_encoder and Path(args.text_encoder).name,
+               "text_weights": args.text_weights}      # in the file's header: which text encoder made it
+    write_tensors(tensors, args.out, force=args.force, metadata={k: v for k, v in made_by.items() if v})
     print(f"wrote {args.out}: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items()))
 
 

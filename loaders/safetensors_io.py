@@ -108,10 +108,11 @@ def read_tensors(path):
         raise LoadError(f"cannot read {path}: {str(e).splitlines()[0]}; is it a complete .safetensors file?") from None
 
 
-def write_tensors(tensors, path, force=False):
-    """Save tensors as one .safetensors file, atomically."""
+def write_tensors(tensors, path, force=False, metadata=None):
+    """Save tensors as one .safetensors file, atomically; metadata: more {str: str} for its header."""
     from safetensors.torch import save
-    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata={"format": "pt"})
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                metadata={**(metadata or {}), "format": "pt"})
     atomic_write_bytes(path, data, force=force)
 
 

@@ -138,6 +138,7 @@ def test_health(served):
     assert h["model"] == worker.model and h["pipeline"] == "QwenImageEditPipeline" and h["device"] == "cpu"
     assert h["ready"] is True and h["state"] == "ready" and h["budget"] is None and h["error"] is None
     assert h["queue"] == 0 and h["queue_max"] == 2 and h["max_images"] == 1 and h["max_pixels"] == 4096 * 4096
+    assert h["transformer"] is None and h["text_encoder"] is None and h["weights"] is None   # the snapshot's own
     page = client.get("/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"] and "/v1/jobs" in page.text
     assert "http" not in page.headers["content-security-policy"]        # nothing from outside

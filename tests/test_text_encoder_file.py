@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import cli
@@ -211,6 +212,8 @@ def test_cli_encode_edit_batch_record_the_file(files, tmp_path, small_area, caps
     want = encode_text(bare, Image.open(tmp_path / "in.png"), ["make it snowy", " "], text_encoder_file=fp8)
     got = read_tensors(tmp_path / "e.safetensors")
     assert torch.equal(got["prompt_embeds"], want[0][0]) and torch.equal(got["negative_prompt_embeds"], want[1][0])
+    with safe_open(str(tmp_path / "e.safetensors"), framework="pt") as f:    # the header says what made them
+        assert f.metadata() == {"format": "pt", "model": bare.name, "text_encoder": FP8}
     run = ["--steps", "2", "--seed", "5"]
     assert cli.main(["edit", *common, *run, "--prompt-embeds", str(tmp_path / "e.safetensors"),
                      "--out", str(tmp_path / "a.png")]) == 0
@@ -352,6 +355,7 @@ def test_serve_with_the_fp8_file_matches_cli(files, tmp_path):
             with TestClient(create_app(worker, limits), base_url=LOCAL) as client:
                 got = client.post("/v1/edit", **form())
                 assert got.status_code == 200 and got.content == (tmp_path / "cli.png").read_bytes()
+                assert client.get("/health").json()["text_encoder"] == fp8.name
         finally:
             worker.close()
 

@@ -174,6 +174,9 @@ class Worker:
             return {"model": self.model, "pipeline": self.spec.class_name, "device": self.device,
                     "dtype": self.dtype, "budget": self.plan and f"{self.plan.budget / 2 ** 30:.2f} GiB",
                     "loras": [{"file": Path(str(getattr(lo, "path", lo))).name, "scale": float(s)} for lo, s in self.loras],
+                    "transformer": self.transformer_file and Path(self.transformer_file).name,
+                    "text_encoder": self.text_encoder_file and Path(self.text_encoder_file).name,
+                    "weights": self.weights, "text_weights": self.text_weights,
                     "queue": len(self._queue), "queue_max": self.queue_size,
                     "running": self._running.id if self._running else None,
                     "ready": self._ready and not self._closing, "state": state, "error": self.startup_error}
