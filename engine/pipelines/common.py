@@ -15,8 +15,8 @@ from loaders import LoadError
 
 from engine import scheduler as sched
 from engine.config import RunOptions
-from engine.pipelines import mod_cache
 from engine.models.mmdit import mask_to_lengths
+from engine.pipelines import mod_cache
 from engine.pipelines.edit import SPEC as EDIT
 from engine.pipelines.load import EditModels, load_models, place_models  # noqa: F401 (the pipelines' API)
 from engine.pipelines.spec import condition_size  # noqa: F401
