@@ -74,7 +74,9 @@ def png_bytes(img, text=None):
         for k, v in text.items():
             info.add_itxt(k, v) if any(ord(c) > 255 for c in v) else info.add_text(k, v)
     buf = io.BytesIO()
-    img.save(buf, format="PNG", pnginfo=info)
+    # zlib level 1, not PIL's 6: on a smooth 1 MP image 102 ms against 190 ms for 13% more bytes (measured on
+    # the CI machine's CPU); a 4-step edit's compute is ~1.5 s, so the encode is worth the bytes
+    img.save(buf, format="PNG", pnginfo=info, compress_level=1)
     return buf.getvalue()
 
 
