@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_load import SHARD, drop_caches, read_floor, write_safetensors, write_snapshot  # noqa: E402
-from benchmarks.trace_cli import denoise_steps  # noqa: E402
+from benchmarks.trace_cli import cli_stages, denoise_steps, stage_pairs  # noqa: E402
 
 GiB = 2 ** 30
 PROMPT = "把背景换成雪天"
@@ -150,11 +150,6 @@ def weight_files(root):
 
 # ---- the CLI ------------------------------------------------------------------------------------------
 
-def stage_pairs(text):
-    """'load 12.30s denoise 2.10s' -> {"load": 12.3, "denoise": 2.1}"""
-    return {k: float(v) for k, v in re.findall(r"([a-z_]+) ([0-9.]+)s\b", text)}
-
-
 def cli_case(args, work, env, name, extra):
     """One `cli.py edit` in a fresh process: wall, stage timings, peak RSS of that child alone (wait4's
     rusage; RUSAGE_CHILDREN would be the largest child so far)."""
@@ -173,10 +168,7 @@ def cli_case(args, work, env, name, extra):
     stdout, stderr = Path(f"{log}.out").read_text(), Path(f"{log}.err").read_text()
     if p.returncode != 0:
         return {**r, "error": stderr.strip()[-1500:]}
-    wrote = next(line for line in stdout.splitlines() if line.startswith("wrote "))
-    encoded = re.search(r"^encoded .*\(([0-9.]+)s\)$", stderr, re.M)    # text encoder load + run, on stderr
-    r["stages"] = {"text_encode": float(encoded.group(1)), **stage_pairs(wrote.split("; ", 1)[1])}
-    r["stage_sum_s"] = sum(v for k, v in r["stages"].items() if k != "warm_up")   # warm_up runs inside load
+    r["stages"], r["stage_sum_s"] = cli_stages(stdout, stderr)
     r["memory"] = next((line for line in stdout.splitlines() if line.startswith("peak host RAM")), None)
     r["denoise"] = denoise_steps(stdout)        # the modulation table, then each step (None before the CLI said)
     return r

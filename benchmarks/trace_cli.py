@@ -67,7 +67,18 @@ def top_functions(profile, root, n=30):
 
 
 def stage_pairs(text):
+    """'load 12.30s denoise 2.10s' -> {"load": 12.3, "denoise": 2.1}"""
     return {k: float(v) for k, v in re.findall(r"([a-z_]+) ([0-9.]+)s\b", text)}
+
+
+def cli_stages(stdout, stderr):
+    """(stages, their sum) an edit printed: text_encode from `encoded ... (N.NNs)` on stderr (the text encoder's
+    load and run), the rest from the `wrote ...; stage N.NNs ...` line; warm_up runs inside load: not summed."""
+    wrote = next((line for line in stdout.splitlines() if line.startswith("wrote ")), "")
+    encoded = re.search(r"^encoded .*\(([0-9.]+)s\)$", stderr, re.M)
+    stages = {**({"text_encode": float(encoded.group(1))} if encoded else {}),
+              **stage_pairs(wrote.split("; ", 1)[1] if "; " in wrote else "")}
+    return stages, sum(v for k, v in stages.items() if k != "warm_up")
 
 
 def run(case, argv, work, timeout):
@@ -85,11 +96,7 @@ def run(case, argv, work, timeout):
     if p.returncode != 0 or not record.is_file():
         return {**r, "error": p.stderr.strip()[-1500:]}
     c = json.loads(record.read_text())
-    wrote = next((line for line in p.stdout.splitlines() if line.startswith("wrote ")), "")
-    encoded = re.search(r"^encoded .*\(([0-9.]+)s\)$", p.stderr, re.M)
-    stages = {**({"text_encode": float(encoded.group(1))} if encoded else {}),
-              **stage_pairs(wrote.split("; ", 1)[1] if "; " in wrote else "")}
-    stage_sum = sum(v for k, v in stages.items() if k != "warm_up")
+    stages, stage_sum = cli_stages(p.stdout, p.stderr)
     r.update(start_s=c["start_at"] - spawned, import_s=c["import_s"], main_s=c["main_s"],
              teardown_s=gone - c["end_at"], stages=stages, stage_sum_s=stage_sum,
              main_outside_stages_s=c["main_s"] - stage_sum,
