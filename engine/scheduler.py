@@ -41,6 +41,16 @@ def sigmas_for(cfg: SchedulerConfig, steps, mu=None, sigmas=None):
     return torch.cat([s, torch.zeros(1)]), timesteps
 
 
+def cfg_velocity(v, cfg, normalize=True):
+    """True CFG over a two-row velocity [2, N, C] (row 0 the prompt's, row 1 the negative prompt's) -> [1, N, C]:
+    neg + cfg·(pos − neg), rescaled per token to the prompt row's norm when normalize."""
+    pos, neg = v[:1], v[1:]
+    comb = neg + cfg * (pos - neg)
+    if not normalize:
+        return comb
+    return comb * (torch.norm(pos, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
+
+
 def euler_step(sample, velocity, sigma, sigma_next):
     """x_{next} = x + (sigma_next - sigma) * v, computed in float32, returned in velocity's dtype."""
     return (sample.float() + (sigma_next - sigma) * velocity).to(velocity.dtype)

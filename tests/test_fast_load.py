@@ -277,8 +277,9 @@ def test_text_encoder_same_bits(lm_head, tmp_path_factory, monkeypatch):
 
 @pytest.mark.parametrize("size,cfg,out", [((80, 60), 4.0, None), ((50, 90), 1.0, (48, 80))])
 def test_edit_shapes_are_the_denoise_shapes(snap, monkeypatch, size, cfg, out):
-    """edit_shapes (what warm_up runs at, known before loading) equals what the MMDiT sees in edit(); warm_up on
-    those shapes runs and leaves the model's weights as they were."""
+    """edit_shapes (what warm_up runs at, known before loading) equals what the MMDiT sees in edit(); warm_up runs
+    the whole MMDiT forward at those shapes (a scratch model, or one holding a real block) and leaves the model's
+    weights as they were."""
     from PIL import Image
 
     from engine.config import RunOptions
@@ -305,7 +306,7 @@ def test_edit_shapes_are_the_denoise_shapes(snap, monkeypatch, size, cfg, out):
     warm_up(models.transformer, shapes, lens, "cpu", torch.float32, block=models.transformer.transformer_blocks[0])
     assert_same(models.transformer.state_dict(), before)
     edit(models, image, pe, pm, ne, nm, RunOptions(steps=1, cfg=cfg, width=w, height=h, condition_area=SMALL_AREA))
-    assert seen == [(shapes, lens)]
+    assert seen == [(shapes, lens)] * 3          # the two warm-ups, then the edit's one step
 
 
 RSS_PROBE = r"""
@@ -420,3 +421,40 @@ def test_cuda_load_models_places_and_pins(snap, resident, monkeypatch):
             assert torch.allclose(gt.float().cpu(), rt.float(), atol=1e-2, rtol=1e-2)
     if models.stream is not None:
         models.stream.remove()
+
+
+def test_warm_up_runs_on_the_calling_thread_while_loading(monkeypatch):
+    """load_models' CUDA warm-up: the loader reads on a thread of its own and the calling thread (the one that
+    denoises: cuDNN's attention graphs and cuBLAS's handles are per thread) runs warm_up from the moment the
+    model is placed, during the read. The loader's exception is raised on the calling thread; a warm-up failure
+    becomes one line and the model still loads."""
+    import threading
+
+    from engine.pipelines import load as load_mod
+    caller, seen, started = threading.get_ident(), {}, threading.Event()
+
+    def fake_warm_up(model, shapes, lens, device, dtype):
+        seen.update(warm_thread=threading.get_ident(), model=model, shapes=(shapes, lens))
+        started.set()
+        if model == "broken":
+            raise RuntimeError("CUDA out of memory\nmore")
+
+    def load(on_placed, model="model"):
+        seen["load_thread"] = threading.get_ident()
+        on_placed(model)
+        assert started.wait(10), "warm_up did not start while the weights were read"
+        return model
+    monkeypatch.setattr(load_mod, "warm_up", fake_warm_up)
+    monkeypatch.setattr(load_mod.torch.cuda, "empty_cache", lambda: None)
+    model, warming = load_mod._load_while_warming(load, ([(1, 4, 4)], [7]), "cuda", torch.bfloat16)
+    assert model == "model" and warming["error"] is None and warming["seconds"] >= 0
+    assert seen["warm_thread"] == caller != seen["load_thread"] and seen["shapes"] == ([(1, 4, 4)], [7])
+    started.clear()
+    model, warming = load_mod._load_while_warming(lambda f: load(f, "broken"), ([(1, 4, 4)], [7]), "cuda",
+                                                  torch.bfloat16)
+    assert model == "broken" and warming["error"] == "CUDA out of memory"
+
+    def failing(on_placed):
+        raise LoadError("shard 3 is truncated")
+    with pytest.raises(LoadError, match="truncated"):
+        load_mod._load_while_warming(failing, ([(1, 4, 4)], [7]), "cuda", torch.bfloat16)

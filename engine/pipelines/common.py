@@ -176,9 +176,7 @@ def denoise(models, latents, cond_tokens, txt, txt_len, img_shapes, sigmas, time
             v = mm(x, txt, txt_len, t, img_shapes, rope=rope, mods=mods[i],
                    rows_per_block=1 if split == "rows" else None)[:, : latents.shape[1]]
         if B > 1:
-            pos, neg = v[:1], v[1:]
-            comb = neg + cfg * (pos - neg)
-            v = comb * (torch.norm(pos, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
+            v = sched.cfg_velocity(v, cfg)
         latents = sched.euler_step(latents, v, sigmas[i], sigmas[i + 1])
         if blend is not None:
             latents = blend(i, latents)

@@ -156,10 +156,7 @@ def denoise_layers(models, latents, cond, txt, txt_len, img_shapes, sigmas, time
             v = mm(x, txt, txt_len, t, img_shapes, rope=rope, mods=mods[i], additional_t_cond=rgb.expand(B),
                    rows_per_block=1 if split == "rows" else None)[:, :n]
         if B > 1:
-            pos, neg = v[:1], v[1:]
-            v = neg + cfg * (pos - neg)
-            if normalize:
-                v = v * (torch.norm(pos, dim=-1, keepdim=True) / torch.norm(v, dim=-1, keepdim=True))
+            v = sched.cfg_velocity(v, cfg, normalize)
         latents = sched.euler_step(latents, v, sigmas[i], sigmas[i + 1])
         if progress is not None:
             progress(i)

@@ -63,8 +63,9 @@ def load_models(model_dir, device="cpu", dtype="float32", plan=None, loras=(), t
     modulation weights, which never reach the GPU but for the per-edit table. A single file, an fp8 checkpoint
     and --weights fp8 (quantized on the host) take the old path: a host state dict, then placed (as does
     everything under QIE_READER=safe_open, the reference the tests and benchmarks compare with).
-    warm: (img_shapes, txt_lens) of the coming edit (edit_shapes): on CUDA without a plan, warm_up runs a scratch
-    block at those shapes while the weights are read, so the first denoising step pays no first-call costs."""
+    warm: (img_shapes, txt_lens) of the coming edit (edit_shapes): on CUDA without a plan, warm_up runs a step of a
+    scratch model at those shapes on this thread while a loader thread reads the weights, so the first denoising
+    step pays no first-call costs."""
     start = time.perf_counter()
     snap = Snapshot(model_dir)
     spec = pipeline_for(snap)
@@ -75,28 +76,31 @@ def load_models(model_dir, device="cpu", dtype="float32", plan=None, loras=(), t
     sched = SchedulerConfig.from_dict(snap.config("scheduler"))
     if loras:
         from engine.transforms.lora import fuse_loras
-    warming = []
+    warming = {}
     if transformer_file is None and weights != "fp8" and reads_fast(device):
         placed = []
+        warm_now = warm is not None and plan is None and torch.device(device).type == "cuda"
 
-        def place(model):   # before the weights are read: place_transformer allocates, the reader fills
+        def place(model, on_placed=None):  # before the weights are read: place_transformer allocates, the reader fills
             _check_layered(model, model_dir, layered)
             if plan is not None and plan.mmdit_resident < len(model.transformer_blocks):
                 _check_streamable(model, model_dir)
             placed.append(place_transformer(model, device, plan))
-            if warm is not None and plan is None and torch.device(device).type == "cuda":
-                warming.append(_Warming(model, warm, device, dt))     # runs while the weights are read
+            if on_placed is not None:
+                on_placed(model)                # the warm-up starts while the weights are read
             stream, mods = placed[-1]           # their buffers are page-locked as the reader fills them
             return (stream.pending if stream is not None else []) + mods.pending
         try:
-            transformer = load_mmdit(snap, dt, device, weights=weights, place=place)
+            if warm_now:
+                transformer, warming = _load_while_warming(
+                    lambda on_placed: load_mmdit(snap, dt, device, weights=weights,
+                                                 place=lambda m: place(m, on_placed)), warm, device, dt)
+            else:
+                transformer = load_mmdit(snap, dt, device, weights=weights, place=place)
         except BaseException:
             for handle in (h for pair in placed for h in pair if h is not None):
                 handle.remove()       # no hooks or pinned buffers left behind
             raise
-        finally:
-            for w in warming:
-                w.join()
         (stream, mods), quantized = placed[0], 0
         models = EditModels(transformer, vae_to_device(load_vae(snap, dt, "cpu"), device), sched, device, dt,
                             plan, stream, mod_host=mods)
@@ -119,9 +123,9 @@ def load_models(model_dir, device="cpu", dtype="float32", plan=None, loras=(), t
         models.source["notes"].append(f"fp8: {quantized} block Linears quantized to float8_e4m3fn on load "
                                       "(one scale per output channel)")
     if warming:
-        models.timings["warm_up"] = warming[0].seconds
-        if warming[0].error:
-            models.source["notes"].append(f"warm-up skipped: {warming[0].error}")
+        models.timings["warm_up"] = warming["seconds"]
+        if warming["error"]:
+            models.source["notes"].append(f"warm-up skipped: {warming['error']}")
     models.timings["load"] = time.perf_counter() - start
     return models
 
@@ -215,54 +219,73 @@ def edit_shapes(model_dir, images, tensors, width=None, height=None, cfg=4.0, ar
 
 
 def warm_up(transformer, img_shapes, txt_lens, device, dtype, block=None):
-    """One MMDiT block at an edit's shapes on random inputs, so that what a process pays at its first forward
-    (Triton kernels loaded, cuBLAS/cuBLASLt/cuDNN handles and plans, the attention backend's timing for this
-    size class unless stored, the caching allocator's growth) is paid here. block: the block to run (default:
-    a scratch block of zeros, so the real weights may still be loading). Runs on the current stream."""
+    """One denoising step at an edit's shapes on random inputs: the whole MMDiT forward (img_in, the time and text
+    embeddings, one block, norm_out, proj_out), then CFG's combine and the Euler step, so that what a process pays
+    at its first step (Triton kernels loaded, cuBLAS/cuBLASLt/cuDNN handles, plans and lazily loaded kernels of
+    every GEMM shape, the attention backend's timing for this size class unless stored, the caching allocator's
+    growth) is paid here. It runs a scratch model of zeros with the transformer's config and one block (block:
+    the block to put in it instead, e.g. a real one), so the real weights may still be loading; the scratch
+    block has no modulation Linears (the table is passed in, as in denoise). Runs on the current stream."""
+    from dataclasses import replace
+
+    from engine import scheduler as sched
+    from engine.models.mmdit import drop_modulation_weights
     cfg = transformer.cfg
-    if block is None:
-        with torch.device("meta"):
-            block = type(transformer.transformer_blocks[0])(cfg)
-        block = block.to(dtype).to_empty(device=device).requires_grad_(False)
-        for p in block.parameters():
-            p.data.zero_()
+    with torch.device("meta"):
+        scratch = type(transformer)(replace(cfg, num_layers=0 if block is not None else 1))
+    drop_modulation_weights(scratch)
+    scratch = scratch.to(dtype).to_empty(device=device).requires_grad_(False)
+    for p in scratch.parameters():
+        p.data.zero_()
+    if block is not None:
+        scratch.transformer_blocks.append(block)
     B, L = len(txt_lens), max(txt_lens)
     N = sum(f * h * w for f, h, w in img_shapes)
-    img = torch.randn(B, N, cfg.dim, device=device, dtype=dtype)
-    txt = torch.randn(B, L, cfg.dim, device=device, dtype=dtype)
-    mod = (torch.zeros(1, 2 if cfg.zero_cond_t else 1, 6 * cfg.dim, device=device, dtype=dtype),
-           torch.zeros(1, 1, 6 * cfg.dim, device=device, dtype=dtype))
-    kv_host = tuple(N + n for n in txt_lens)
-    kv = torch.tensor(kv_host, dtype=torch.int32, device=device)
-    f, h, w = img_shapes[0]
+    x = torch.randn(B, N, cfg.in_channels, device=device, dtype=dtype)
+    txt = torch.randn(B, L, cfg.joint_attention_dim, device=device, dtype=dtype)
+    mods = [(torch.zeros(1, 2 if cfg.zero_cond_t else 1, 6 * cfg.dim, device=device, dtype=dtype),
+             torch.zeros(1, 1, 6 * cfg.dim, device=device, dtype=dtype))]
+    extra = torch.zeros(B, dtype=torch.long, device=device) if cfg.use_additional_t_cond else None
+    n = img_shapes[0][0] * img_shapes[0][1] * img_shapes[0][2]      # the noisy image's tokens
     with torch.inference_mode():
-        block(img, txt, mod, transformer.rope(img_shapes, L, device), kv, f * h * w if cfg.zero_cond_t else None,
-              kv_host)
+        t = torch.full((B,), 0.5, dtype=dtype, device=device)
+        v = scratch(x, txt, torch.tensor(txt_lens), t, img_shapes, mods=mods, additional_t_cond=extra)[:, :n]
+        if B > 1:
+            v = sched.cfg_velocity(v, 4.0)
+        sched.euler_step(x[:1, :n], v, torch.tensor(1.0, device=device), torch.tensor(0.5, device=device))
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 
 
-class _Warming:
-    """warm_up on a thread of its own while the loader reads; join() before the first forward. A failure
-    (e.g. out of memory) only costs the warm-up: its one line goes to the notes."""
+def _load_while_warming(load, shapes, device, dtype):
+    """load(on_placed) on a loader thread while this thread runs warm_up, from the moment the loader has placed
+    the model (on_placed(model)) until the weights are read. This thread, not a helper, warms up because it is
+    the one that denoises: PyTorch keeps cuDNN's attention graphs and cuBLAS's handles per thread. Returns
+    (model, {"seconds", "error"}); load's exception is raised here; a warm-up failure (e.g. out of memory) only
+    costs the warm-up, its one line in "error"."""
+    import threading
+    box, placed = {}, threading.Event()
 
-    def __init__(self, transformer, shapes, device, dtype):
-        import threading
-        self.seconds, self.error = 0.0, None
-        self._thread = threading.Thread(target=self._run, args=(transformer, shapes, device, dtype), daemon=True)
-        self._thread.start()
-
-    def _run(self, transformer, shapes, device, dtype):
+    def run():
+        try:
+            box["model"] = load(lambda model: (box.setdefault("placed", model), placed.set()))
+        except BaseException as e:  # noqa: BLE001 (raised again on the calling thread)
+            box["failed"] = e
+        finally:
+            placed.set()
+    loader = threading.Thread(target=run, name="qie-load", daemon=True)
+    loader.start()
+    placed.wait()
+    warming = {"seconds": 0.0, "error": None}
+    if "placed" in box:
         t0 = time.perf_counter()
         try:
-            warm_up(transformer, *shapes, device, dtype)
+            warm_up(box["placed"], *shapes, device, dtype)
         except Exception as e:  # noqa: BLE001
-            self.error = str(e).splitlines()[0] if str(e) else type(e).__name__
-        finally:
-            self.seconds = time.perf_counter() - t0
-
-    def join(self):
-        self._thread.join()
-        if self.error is not None:
+            warming["error"] = str(e).splitlines()[0] if str(e) else type(e).__name__
             torch.cuda.empty_cache()
-
+        warming["seconds"] = time.perf_counter() - t0
+    loader.join()
+    if "failed" in box:
+        raise box["failed"]
+    return box["model"], warming
