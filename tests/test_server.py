@@ -7,6 +7,7 @@ import importlib.util
 import io
 import json
 import math
+import re
 import threading
 import time
 
@@ -597,21 +598,32 @@ def test_decode_image_from_many_threads():
     assert PILImage.MAX_IMAGE_PIXELS == before
 
 
-def test_full_size_warm_up_runs_a_block_at_the_default_shape(served, monkeypatch):
-    """On CUDA without a plan the worker also runs one block at the default 1 MP edit's shapes after its tiny
-    warm-up edit (engine.pipelines.load.warm_up); here on the CPU, called directly: it runs, logs the size it
-    warmed, and a failure inside becomes one note instead of stopping the server."""
-    from engine.pipelines import load as load_mod
-    _, worker, _ = served
-    seen = []
-    real = load_mod.warm_up
-    monkeypatch.setattr(load_mod, "warm_up", lambda *a, **k: (seen.append(a[1]), real(*a, **k)))
+def test_full_size_warm_up_runs_the_default_request(served, monkeypatch):
+    """On CUDA without a plan the worker also runs the default request's path at full size after its tiny
+    warm-up edit: 1024x1024 images, one step with CFG (two rows) and one without; here on the CPU, called
+    directly. It logs each warm-up's stages and step times; a failure inside becomes one note instead of
+    stopping the server; afterwards requests give the bytes they gave before; a job's log names its steps."""
+    client, worker, _ = served
+    before = client.post("/v1/edit", **form()).content
+    seen, real = [], worker._edit
+
+    def spy(request, progress, job=None):
+        sizes = [Image.open(io.BytesIO(b)).size for b in request.images]
+        seen.append((sizes, request.opts.steps, request.opts.cfg, request.opts.width))
+        return real(request, progress, job)
+    monkeypatch.setattr(worker, "_edit", spy)
     log, worker.log = worker.log, io.StringIO()
     try:
         worker._warm_up_full_size()
-        assert seen and seen[0][0][0] == 1 and "warm-up at" in worker.log.getvalue()
-        monkeypatch.setattr(load_mod, "warm_up", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no memory")))
+        assert seen == [([(1024, 1024)], 1, 4.0, None), ([(1024, 1024)], 1, 1.0, None)]
+        text = worker.log.getvalue()
+        assert re.search(r"warm-up at 1024x1024, cfg 4: text_encode [0-9.]+s .*denoise [0-9.]+s .*; steps [0-9.]+ s",
+                         text) and "warm-up at 1024x1024, cfg 1:" in text and "warm-up at full size" in text
+        monkeypatch.setattr(worker, "_edit", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no memory")))
         worker._warm_up_full_size()
         assert "note: full-size warm-up skipped: RuntimeError: no memory" in worker.log.getvalue()
+        monkeypatch.setattr(worker, "_edit", real)
+        assert client.post("/v1/edit", **form()).content == before
+        assert re.search(r"job \S+ denoise: modulation table [0-9.]+s, steps [0-9.]+ [0-9.]+ s", worker.log.getvalue())
     finally:
         worker.log = log

@@ -269,33 +269,41 @@ class Worker:
                 traceback.print_exc(file=self.log)
 
     def _warm_up(self):
-        """One tiny edit through the whole path (text encoder with CFG's two prompts, VAE, MMDiT, PNG)."""
+        """One tiny edit through the whole path (text encoder with CFG's two prompts, VAE, MMDiT, PNG); on CUDA
+        without a plan, then the default request at full size (_warm_up_full_size)."""
         t0 = time.perf_counter()
-        buf = io.BytesIO()
-        Image.linear_gradient("L").convert("RGB").resize((64, 48)).save(buf, format="PNG")
-        request = EditRequest([buf.getvalue()], ["warm-up.png"], "warm up", " ",
-                              RunOptions(steps=1, cfg=4.0, width=64, height=64))
-        self._edit(request, lambda i: None)
+        self._edit(self._warm_up_request((64, 48), 4.0, 64), lambda i: None)
         print(f"warm-up edit {time.perf_counter() - t0:.2f}s", file=self.log)
         if self.device == "cuda" and self.plan is None:
             self._warm_up_full_size()
 
+    def _warm_up_request(self, size, cfg, side=None):
+        buf = io.BytesIO()
+        Image.linear_gradient("L").convert("RGB").resize(size).save(buf, format="PNG")
+        n = max(1, self.spec.min_images)
+        return EditRequest([buf.getvalue()] * n, [f"warm-up-{i}.png" for i in range(n)], "warm up", " ",
+                           RunOptions(steps=1, cfg=cfg, width=side, height=side))
+
     def _warm_up_full_size(self):
-        """One MMDiT block at the default edit's shapes (one ~1 MP image, CFG's two prompts): the first-call
-        costs of that size (kernel choices, cuDNN/cuBLASLt plans, the allocator's growth) are paid at start,
-        not by the first request. A scratch block of zeros (no plan: the memory is there); a failure costs only
-        this warm-up."""
-        from engine.pipelines.load import edit_shapes, warm_up
+        """The default request's path at full size (~1 MP images, the output size they give), one step each with
+        CFG (two rows) and without (one row): the text encoder's vision tower, the VAE and every MMDiT module
+        meet their real shapes, so what a process pays at its first edit of that size (kernel choices,
+        cuDNN/cuBLASLt plans, lazily loaded kernels, the allocator's growth) is paid at start, not by the first
+        request. Only the modulation table of a request's schedule is left to it (once per schedule; the disk
+        cache keeps it for later servers). No plan: the memory is there. A failure costs only this warm-up."""
         t0 = time.perf_counter()
         try:
-            joint = self.models.transformer.cfg.joint_attention_dim
-            fake = {"prompt_embeds": torch.empty(1, 160, joint), "negative_prompt_embeds": torch.empty(1, 8, joint)}
-            image = Image.new("RGB", (1024, 1024))
-            shapes, lens = edit_shapes(self.model_dir, [image] * self.spec.min_images, fake)
-            warm_up(self.models.transformer, shapes, lens, self.device, torch_dtype(self.dtype))
-            print(f"warm-up at {shapes[0][2] * 16}x{shapes[0][1] * 16} {time.perf_counter() - t0:.2f}s", file=self.log)
+            for cfg in (4.0, 1.0):
+                self._edit(self._warm_up_request((1024, 1024), cfg), lambda i: None)
+                steps = " ".join(f"{t:.3f}" for t in self.models.step_times.get("steps", []))
+                print(f"warm-up at 1024x1024, cfg {cfg:g}: {self._stage_line()}; steps {steps} s", file=self.log)
+            print(f"warm-up at full size {time.perf_counter() - t0:.2f}s", file=self.log)
         except Exception as e:      # noqa: BLE001 (the server runs without it)
             print(f"note: full-size warm-up skipped: {one_line(e)}", file=self.log)
+            self._free()        # e.g. after an out-of-memory: what its frames held goes back
+
+    def _stage_line(self):
+        return " ".join(f"{k} {v:.3f}s" for k, v in self.models.timings.items() if k not in ("load", "warm_up"))
 
     def _run(self, job):
         def progress(i):
@@ -306,9 +314,11 @@ class Worker:
         try:
             png = self._edit(job.request, progress, job)
             state = "done"
-            # the stage times of this edit (what a request's latency is compared with)
-            print(f"job {job.id} done: " + " ".join(f"{k} {v:.3f}s" for k, v in self.models.timings.items()
-                                                    if k not in ("load", "warm_up")), file=self.log)
+            # the stage times of this edit (what a request's latency is compared with), then inside denoise
+            print(f"job {job.id} done: {self._stage_line()}", file=self.log)
+            if self.models.step_times:
+                print(f"job {job.id} denoise: modulation table {self.models.step_times['table']:.3f}s, steps "
+                      + " ".join(f"{t:.3f}" for t in self.models.step_times["steps"]) + " s", file=self.log)
         except Cancelled:
             state, error = "cancelled", "the server is shutting down" if self._closing else "cancelled"
         except Exception as e:
