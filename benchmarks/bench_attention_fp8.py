@@ -120,22 +120,33 @@ def _ceiling(provider):
     return "matmul_tflops"
 
 
+# beyond the autotuned configs, TMA loads only: 256-key blocks (fp8 tiles are half bf16's bytes, so FA3-style
+# 128 x 256 fits), and the compiler's warp specialization of the key loop (WS)
+EXTRA = [dict(BLOCK_M=128, BLOCK_N=256, num_warps=8, num_stages=2), dict(BLOCK_M=128, BLOCK_N=256, num_warps=8,
+         num_stages=3), dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, WS=True),
+         dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, WS=True),
+         dict(BLOCK_M=128, BLOCK_N=256, num_warps=8, num_stages=2, WS=True)]
+
+
 def sweep(S, rows):
     """Every config (attend only; e4m3 + fp8 P·V, int8 + bf16 P·V) at S, TMA and pointer loads, bypassing the
-    autotuner."""
+    autotuner; then EXTRA with TMA loads."""
     q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    configs = [(tma, dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages))
+               for tma in (True, False) for c in F._CONFIGS] + [(True, c) for c in EXTRA]
     for qk, pv in (("fp8", "fp8"), ("int8", "bf16")):
         z = F.quantize(q, k, v, qk=qk, pv=pv)
-        for tma in (True, False):
-            for c in F._CONFIGS:
-                cfg = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
-                row = {"op": "sweep", "S": S, "qk": qk, "pv": pv, "tma": tma, **cfg}
-                try:
-                    t = time_ms(lambda: F.attend(z, None, q.dtype, tma=tma, config=cfg), warmup=2, reps=20)
-                    row.update(ms=t, tflops=4 * B * H * S * S * D / t / 1e9)
-                except Exception as e:
-                    row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-                rows.append(row)
+        want = F.attend(z, None, q.dtype, tma=True, config=configs[0][1]).float()
+        for tma, cfg in configs:
+            row = {"op": "sweep", "S": S, "qk": qk, "pv": pv, "tma": tma, **cfg}
+            try:
+                t = time_ms(lambda: F.attend(z, None, q.dtype, tma=tma, config=cfg), warmup=2, reps=20)
+                got = F.attend(z, None, q.dtype, tma=tma, config=cfg).float()     # the same math, any order
+                row.update(ms=t, tflops=4 * B * H * S * S * D / t / 1e9,
+                           rel_l2_vs_first=((got - want).norm() / want.norm()).item())
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            rows.append(row)
 
 
 def table(ceil, rows):
@@ -147,7 +158,8 @@ def table(ceil, rows):
         if r.get("op") == "sweep":
             res = f"{r['ms']:9.3f} ms {r['tflops']:6.0f} TFLOP/s" if "ms" in r else f"ERROR {r['error'][:80]}"
             print(f"sweep S={r['S']} {r['qk']:<4} pv={r['pv']:<4} tma={r['tma']!s:<5} BM{r['BLOCK_M']} "
-                  f"BN{r['BLOCK_N']} w{r['num_warps']} s{r['num_stages']} {res}")
+                  f"BN{r['BLOCK_N']} w{r['num_warps']} s{r['num_stages']}{' ws' if r.get('WS') else ''} {res}"
+                  + (f" (vs first config {r['rel_l2_vs_first']:.1e})" if "rel_l2_vs_first" in r else ""))
         elif "error" in r:
             print(f"{r['S']:>6} {r['kv_len']:>6} {r['provider']:<26} ERROR {r['error'][:90]}")
         elif "tflops" not in r:

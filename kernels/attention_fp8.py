@@ -42,9 +42,10 @@ def attention_fp8_ref(q, k, v, kv_len=None, scale=None, qk="fp8", pv="fp8", bloc
     Returns [B, Sq, H, D] in q's dtype."""
     z = quantize_ref(q, k, v, kv_len, scale, qk, pv)
     B, Sq, H, D = q.shape
-    assert QBLOCK % block_n == 0, block_n
+    assert QBLOCK % block_n == 0 or block_n % QBLOCK == 0, block_n
     q8, k8 = z.q8[:, :, :Sq].float(), z.k8.float()
     qs = z.qs.repeat_interleave(QBLOCK, dim=-1)[:, :, :Sq, None]   # [B, H, Sq, 1]
+    ks = z.ks.repeat_interleave(QBLOCK, dim=-1)[:, :, None, :]      # [B, H, 1, SK_pad]: one per key
     keep = torch.zeros(B, k8.shape[2], dtype=torch.bool, device=q.device)
     keep[:, :z.sk] = _valid_keys(kv_len, B, z.sk, q.device)
     if pv == "bf16":   # [B, H, SK_pad, D]: bf16 values in float32, keys >= kv_len zero
@@ -58,8 +59,8 @@ def attention_fp8_ref(q, k, v, kv_len=None, scale=None, qk="fp8", pv="fp8", bloc
     for n0 in range(0, int(keep.sum(1).max()), block_n):
         n1 = n0 + block_n
         s = (q8 @ k8[:, :, n0:n1].transpose(2, 3)).masked_fill(~keep[:, None, None, n0:n1], float("-inf"))
-        c = qs * z.ks[:, :, n0 // QBLOCK, None, None]
-        m_new = torch.maximum(m, s.amax(-1, keepdim=True) * c)
+        c = qs * ks[..., n0:n1]           # max(s)·c = max(s·c) exactly: c > 0 and rounding is monotone
+        m_new = torch.maximum(m, (s * c).amax(-1, keepdim=True))
         p = torch.exp2(s * c - (m_new - shift))                    # [B, H, Sq, block_n]: [0, 447.9] or [0, 1]
         alpha = torch.exp2(m - m_new)
         l = l * alpha + p.sum(-1, keepdim=True)
@@ -117,11 +118,15 @@ if triton is not None:
                 v = tl.load(v_ptrs + start_n * stride_vn, mask=(offs_n < kv_end)[:, None], other=0.0)
             else:
                 v = tl.load(v_ptrs + start_n * stride_vn)
-        c = qs * tl.load(ks_row + start_n // _QBLOCK)       # q_scale · k_scale, log2 units
         if INT8:
             qk = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
         else:
             qk = tl.dot(q, tl.trans(k))                     # [BLOCK_M, BLOCK_N] fp32; B operand K-major
+        if BLOCK_N > _QBLOCK:   # the block spans several K scales (one per 128 keys): scaled per key here
+            qk = qk * (qs * tl.load(ks_row + offs_n // _QBLOCK))[None, :]
+            c = 1.0
+        else:
+            c = qs * tl.load(ks_row + start_n // _QBLOCK)   # q_scale · k_scale, log2 units
         if MASK:
             qk = tl.where(offs_n[None, :] < kv_end, qk, float("-inf"))
         m_ij = tl.maximum(m_i, tl.max(qk, 1) * c)           # c > 0 (floored scales)
@@ -151,8 +156,10 @@ if triton is not None:
     def _attn_loop(acc, l_i, m_i, q, qs, k_ptrs, v_ptrs, ks_row, desc_k, desc_v, k_row0, v_row0, v_col0, stride_vn,
                    lo, hi, kv_end, HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
                    INT8: tl.constexpr, PV_BF16: tl.constexpr, EXACT_ROUND: tl.constexpr, USE_TMA: tl.constexpr,
-                   PV_ACC: tl.constexpr):
-        for start_n in range(lo, hi, BLOCK_N):
+                   PV_ACC: tl.constexpr, WS: tl.constexpr):
+        # WS: the compiler's warp specialization of the loop (loads, MMAs and softmax on separate warps), a sweep
+        # option (benchmarks/bench_attention_fp8.py --sweep); off in the autotuned configs
+        for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WS):
             acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, qs, k_ptrs, v_ptrs, ks_row, desc_k, desc_v, k_row0,
                                         v_row0, v_col0, stride_vn, start_n, kv_end, HEAD_D, BLOCK_N, MASK, INT8,
                                         PV_BF16, EXACT_ROUND, USE_TMA, PV_ACC)
@@ -163,7 +170,7 @@ if triton is not None:
                          stride_ob, stride_os, stride_oh, H, SQ, SK, SQP, SKP, SEQ_BUCKET,
                          HEAD_D: tl.constexpr, HAS_KV_LEN: tl.constexpr, INT8: tl.constexpr, PV_BF16: tl.constexpr,
                          EXACT_ROUND: tl.constexpr, USE_TMA: tl.constexpr, PV_ACC: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WS: tl.constexpr = False):
         # grid (SQ_pad / BLOCK_M, B * H): BLOCK_M queries of one (b, h) against its keys [0, kv_len).
         # V: pv="fp8" the e4m3 Vᵀ [B, H, D, SK_pad]; pv="bf16" the caller's bf16 V [B, Sk, H, D] (strides given)
         start_m, bh = tl.program_id(0), tl.program_id(1)
@@ -190,10 +197,10 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
         acc, l_i, m_i = _attn_loop(acc, l_i, m_i, q, qs, k_ptrs, v_ptrs, ks_row, desc_k, desc_v, bh * SKP, v_row0,
                                    v_col0, stride_vn, 0, n_full, kv_end, HEAD_D, BLOCK_N, False, INT8, PV_BF16,
-                                   EXACT_ROUND, USE_TMA, PV_ACC)
+                                   EXACT_ROUND, USE_TMA, PV_ACC, WS)
         acc, l_i, m_i = _attn_loop(acc, l_i, m_i, q, qs, k_ptrs, v_ptrs, ks_row, desc_k, desc_v, bh * SKP, v_row0,
                                    v_col0, stride_vn, n_full, kv_end, kv_end, HEAD_D, BLOCK_N, True, INT8, PV_BF16,
-                                   EXACT_ROUND, USE_TMA, PV_ACC)
+                                   EXACT_ROUND, USE_TMA, PV_ACC, WS)
         out = acc / l_i[:, None]
         if not PV_BF16:
             out = out * tl.load(VS + bh * HEAD_D + d)[None, :]   # V's per-channel scale; 448 cancels in acc / l
@@ -228,8 +235,8 @@ if triton is not None:
 
     def attend(z, kv_len=None, out_dtype=torch.bfloat16, tma=None, config=None):
         """The attention of quantize()'s output -> [B, Sq, H, D] contiguous in out_dtype. tma: None = TMA loads
-        where the GPU allows (sm90+); config: a dict of BLOCK_M, BLOCK_N, num_warps, num_stages that bypasses
-        autotuning (benchmark sweeps)."""
+        where the GPU allows (sm90+); config: a dict of BLOCK_M, BLOCK_N, num_warps, num_stages (and WS) that
+        bypasses autotuning (benchmark sweeps)."""
         B, H, SQP, D = z.q8.shape
         SKP = z.k8.shape[2]
         dev = z.q8.device

@@ -181,6 +181,26 @@ def test_tma_loads_match_pointer_loads(pv):
 
 
 @pytest.mark.parametrize("pv", ["fp8", "bf16"])
+def test_key_blocks_wider_than_a_scale_block(pv):
+    """BLOCK_N = 256 (a sweep config) spans two K scale blocks of 128 keys: each key gets its own block's scale.
+    Equal to the reference at that block size; the two blocks' K scales differ by 4x here, so one scale for the
+    block would move the output far more than the tolerance."""
+    q, k, v, kv_len, k0, v0 = _qkv(1, 100, 300, 2, 64, torch.float32, kv=[300], seed=6)
+    k[:, 128:256] *= 4
+    k0 = k.clone()
+    z = F.quantize(q, k, v, kv_len, pv=pv)
+    assert (z.ks[:, :, 1] > 2 * z.ks[:, :, 0]).all()
+    out = F.attend(z, kv_len, torch.float32, tma=False, config=dict(BLOCK_M=64, BLOCK_N=256, num_warps=4,
+                                                                   num_stages=1))
+    ref = F.attention_fp8_ref(q, k0, v0, kv_len, pv=pv, block_n=256)
+    assert _rel(out, ref) <= REF_TOL[pv], _rel(out, ref)
+    one_scale = z._replace(ks=z.ks[:, :, :1].expand_as(z.ks).contiguous())     # block 0's scale for all keys
+    wrong = F.attend(one_scale, kv_len, torch.float32, tma=False, config=dict(BLOCK_M=64, BLOCK_N=256, num_warps=4,
+                                                                             num_stages=1))
+    assert _rel(wrong, ref) > 20 * REF_TOL[pv]
+
+
+@pytest.mark.parametrize("pv", ["fp8", "bf16"])
 def test_padding_keys_change_nothing(pv):
     """Keys past kv_len holding huge values (or NaN) must not reach the mean, the scales or the output (pv="bf16"
     reads those V rows of the caller's tensor in place: the last key block's loads mask them)."""
