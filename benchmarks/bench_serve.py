@@ -217,8 +217,8 @@ def edit_form(args, steps, cfg, png):
 
 
 def timed_edit(http, log, args, steps, cfg, png):
-    """POST /v1/edit: latency, and the stage timings the server logged for it (a line `job ID done: stage
-    N.NNNs ...` on its stderr; today's worker prints none)."""
+    """POST /v1/edit: latency, the stage timings the server logged for it (its line `job ID done: stage
+    N.NNNs ...`) and inside denoise the modulation table and each step (`job ID denoise: ...`)."""
     seen = len(log.read_text())
     t0 = time.perf_counter()
     r = http.post("/v1/edit", **edit_form(args, steps, cfg, png))
@@ -226,9 +226,12 @@ def timed_edit(http, log, args, steps, cfg, png):
     if r.status_code != 200 or r.headers.get("content-type") != "image/png":
         raise RuntimeError(f"/v1/edit answered {r.status_code}: {r.text[:300]}")
     time.sleep(0.05)                            # in case the line follows the answer
-    done = [line for line in log.read_text()[seen:].splitlines() if re.match(r"job \S+ done", line)]
+    lines = log.read_text()[seen:].splitlines()
+    done = [line for line in lines if re.match(r"job \S+ done", line)]
     stages = stage_pairs(done[-1].split(":", 1)[1]) if done else None
-    return {"latency_s": latency, "stages": stages, "stage_sum_s": sum(stages.values()) if stages else None}
+    steps = [denoise_steps(line.split(" ", 2)[2]) for line in lines if re.match(r"job \S+ denoise: ", line)]
+    return {"latency_s": latency, "stages": stages, "stage_sum_s": sum(stages.values()) if stages else None,
+            "denoise": steps[-1] if steps else None}
 
 
 def edits(http, log, args, png):
@@ -313,6 +316,8 @@ def serve_part(args, payload, save, work, env):
             with contextlib.suppress(httpx.TransportError):
                 if http.get("/health", timeout=5).json()["ready"]:
                     p["start_s"], p["rss_ready"] = time.perf_counter() - t0, status_bytes(proc.pid, "VmRSS")
+                    p["start_log"] = [line for line in log.read_text().splitlines()      # load, warm-ups
+                                      if line.startswith(("loaded ", "warm-up", "note: "))]
             time.sleep(0.1)
         save()
         for name, fn in (("edit", lambda: edits(http, log, args, png)),
@@ -384,6 +389,7 @@ def main():
                 fn()
             except Exception as e:              # noqa: BLE001 (recorded; the next part runs)
                 payload.setdefault(part, {})["error"] = f"{type(e).__name__}: {e}"
+            payload[part]["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())     # parts may run apart
             save()
     (work / "in.png").unlink()
     from benchmarks.report_serve import readme_serve

@@ -5,11 +5,11 @@ from pathlib import Path
 from benchmarks.report_kernels import e2e_section, kernels_section, readme_attention, readme_table
 from benchmarks.report_bench import bench_section
 from benchmarks.report_family import family_section, readme_family
-from benchmarks.report_fp8 import fp8_section
+from benchmarks.report_fp8 import attention_fp8_section, fp8_section
 from benchmarks.report_fp8_forward import fp8_forward_section, merge_compiled, readme_fp8_forward
 from benchmarks.report_load import load_section, readme_load
 from benchmarks.report_plus import plus_section, readme_plus
-from benchmarks.report_serve import readme_serve, readme_trace, serve_section, trace_section
+from benchmarks.report_serve import first_step_section, readme_serve, readme_trace, serve_section, trace_section
 
 HERE = Path(__file__).parent
 
@@ -166,8 +166,12 @@ def main():
             lines += plus_section(path.name, d)
             if "ours_s" in d.get("lora", {}):     # the full run, not a profile-only one
                 update_readme(readme_plus(d), "PLUS")
+        elif path.name.startswith("attention_fp8"):
+            lines += attention_fp8_section(path.name, d)
         elif path.name.startswith("fp8_kernels"):
             lines += fp8_section(path.name, d)
+        elif path.name.startswith("trace_first"):
+            lines += first_step_section(path.name, d)
         elif path.name.startswith(tuple(SECTIONS)):
             section, readme_rows, marker = SECTIONS[next(p for p in SECTIONS if path.name.startswith(p))]
             lines += section(path.name, d)

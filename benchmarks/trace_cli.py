@@ -3,13 +3,16 @@
     python benchmarks/trace_cli.py --out /tmp/trace.json --case new=. --case old=/tmp/old_checkout \
         --case new_exit=.:fast-exit --case new_profile=.:profile -- edit --model DIR --image in.png ...
 
-A case is NAME=CHECKOUT[:fast-exit][:profile]: that checkout's cli.py runs the arguments after `--`. Per run:
+A case is NAME=CHECKOUT[:fast-exit][:profile][:firststep]: that checkout's cli.py runs the arguments after `--`.
+Per run:
   start      spawn -> the child's first line (the interpreter and this script's imports)
   import     `import cli` (torch and what cli.py imports at the top)
   main       cli.main(argv): everything the command does, its printed stages inside
   teardown   main's return -> the process gone (module teardown, CUDA context and pinned memory released);
              fast-exit ends the child with os._exit instead, after flushing, to measure what that saves
   profile    a cProfile of main: the 30 functions of the checkout with the most cumulative time
+  firststep  the MMDiT's first two forwards, each top-level module timed with the GPU synced around it (block 0
+             apart from the other blocks): where a first step's extra time goes (the syncs slow both a little)
 The first --warm-up runs (unrecorded) fill the page cache and the kernel caches. The JSON is rewritten after
 every run.
 """
@@ -36,6 +39,7 @@ def child(args, argv):
         import cProfile
         profile = cProfile.Profile()
         profile.enable()
+    forwards = first_forwards() if args.firststep else None
     t0 = time.time()
     rc = cli.main(argv)
     t_end = time.time()
@@ -44,12 +48,57 @@ def child(args, argv):
     record = {"start_at": t_start, "import_s": t_import, "main_s": t_end - t0, "end_at": t_end, "rc": rc}
     if profile is not None:
         record["profile"] = top_functions(profile, root)
+    if forwards is not None:
+        record["forwards"] = forwards
     Path(args.child).write_text(json.dumps(record))
     sys.stdout.flush()
     sys.stderr.flush()
     if args.fast_exit:
         os._exit(rc or 0)
     return rc
+
+
+def first_forwards(calls=2):
+    """Wraps MMDiT.forward: for its first `calls` calls, {module: seconds} with the GPU synced before and after
+    each top-level module ("block0", then "blocks" for the others summed) and "forward" for the whole call.
+    Returns the list it fills."""
+    import torch
+
+    from engine.models import mmdit
+    forward, out = mmdit.MMDiT.forward, []
+
+    def sync():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def timed(self, *a, **k):
+        if len(out) >= calls:
+            return forward(self, *a, **k)
+        parts, handles, marks = {}, [], {}
+        named = [(n, m) for n, m in self.named_children() if n not in ("transformer_blocks", "time_text_embed")]
+        named.append(("time_embed", self.time_text_embed.timestep_embedder))   # called past its parent
+        named += [("block0" if i == 0 else "blocks", b) for i, b in enumerate(self.transformer_blocks)]
+        for name, mod in named:
+            def pre(_m, _i, name=name):
+                sync()
+                marks[name] = time.perf_counter()
+
+            def post(_m, _i, _o, name=name):
+                sync()
+                parts[name] = parts.get(name, 0.0) + time.perf_counter() - marks[name]
+            handles += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
+        sync()
+        t0 = time.perf_counter()
+        try:
+            return forward(self, *a, **k)
+        finally:
+            sync()
+            parts["forward"] = time.perf_counter() - t0
+            for h in handles:
+                h.remove()
+            out.append({k: round(v, 4) for k, v in parts.items()})
+    mmdit.MMDiT.forward = timed
+    return out
 
 
 def top_functions(profile, root, n=30):
@@ -88,6 +137,7 @@ def run(case, argv, work, timeout):
     record.unlink(missing_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(record), "--root", root,
            *(["--fast-exit"] if "fast-exit" in flags else []), *(["--profile"] if "profile" in flags else []),
+           *(["--firststep"] if "firststep" in flags else []),
            "--", *argv]
     spawned = time.time()
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -100,7 +150,7 @@ def run(case, argv, work, timeout):
     r.update(start_s=c["start_at"] - spawned, import_s=c["import_s"], main_s=c["main_s"],
              teardown_s=gone - c["end_at"], stages=stages, stage_sum_s=stage_sum,
              main_outside_stages_s=c["main_s"] - stage_sum,
-             denoise=denoise_steps(p.stdout), profile=c.get("profile"))
+             denoise=denoise_steps(p.stdout), profile=c.get("profile"), forwards=c.get("forwards"))
     return r
 
 
@@ -120,6 +170,7 @@ def main():
     ap.add_argument("--root", default=".", help=argparse.SUPPRESS)
     ap.add_argument("--fast-exit", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--firststep", action="store_true", help=argparse.SUPPRESS)
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
     args, rest = ap.parse_args(argv[:split]), argv[split + 1:]
