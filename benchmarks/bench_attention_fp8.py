@@ -7,6 +7,7 @@ Run from the repo root:  python -m benchmarks.bench_attention_fp8 --out benchmar
   --masked            also kv_len = S - 200 (a padded text tail), cuDNN then per row over its valid keys
   --sweep             also every block config at the first S (e4m3 + fp8 P·V, int8 + bf16 P·V), TMA and
                       pointer loads, no autotune
+  --quant-kernels     also each of quantize()'s kernels alone at the first S (device time, bytes moved, GB/s)
   --ref-rows 1024     float32 reference on this many evenly spaced query rows (rows are independent, so
                       their rel L2 estimates the whole output's; the full float32 reference at S=53608 is
                       3.5e16 flops of non-tensor-core math), computed in query chunks
@@ -149,12 +150,40 @@ def sweep(S, rows):
             rows.append(row)
 
 
+def quantize_kernels(S, rows, calls=20):
+    """Where quantize()'s time goes: each of its kernels' device time (torch.profiler over `calls` calls, no
+    mask) and the bytes it moves, for e4m3 + fp8 P·V and int8 + bf16 P·V (V not quantized)."""
+    from torch.profiler import ProfilerActivity, profile
+    q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    t = B * S * H * D                                   # elements of one of q, k, v
+    moved = {"_quant_q_kernel": 2 * t + t, "_kv_stats_kernel": (2 * t, 4 * t), "_quant_kv_kernel": (3 * t, 6 * t)}
+    for qk, pv in (("fp8", "fp8"), ("int8", "bf16")):
+        F.quantize(q, k, v, qk=qk, pv=pv)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                F.quantize(q, k, v, qk=qk, pv=pv)
+            torch.cuda.synchronize()
+        for e in prof.key_averages():
+            name = next((n for n in moved if n in e.key), None)
+            if name is None:
+                continue
+            us = e.device_time_total / calls
+            nbytes = moved[name] if isinstance(moved[name], int) else moved[name][pv == "fp8"]
+            rows.append({"op": "quantize_kernel", "S": S, "qk": qk, "pv": pv, "kernel": name, "us": us,
+                         "bytes": nbytes, "gbs": nbytes / us / 1e3})
+
+
 def table(ceil, rows):
     print(f"\nceilings: bf16 matmul {ceil['matmul_tflops']:.0f} TFLOP/s, fp8 matmul (_scaled_mm) "
           f"{ceil['fp8_mm_tflops']:.0f} TFLOP/s, half and half {ceil['fp8_bf16_mm_tflops']:.0f} TFLOP/s")
     print(f"{'S':>6} {'kv':>6} {'provider':<26} {'ms':>9} {'TFLOP/s':>8} {'of mm':>6} {'x cuDNN':>8} "
           f"{'rel L2':>9}  config")
     for r in rows:
+        if r.get("op") == "quantize_kernel":
+            print(f"quantize S={r['S']} {r['qk']:<4} pv={r['pv']:<4} {r['kernel']:<18} {r['us']:8.1f} us "
+                  f"{r['gbs']:6.0f} GB/s")
+            continue
         if r.get("op") == "sweep":
             res = f"{r['ms']:9.3f} ms {r['tflops']:6.0f} TFLOP/s" if "ms" in r else f"ERROR {r['error'][:80]}"
             print(f"sweep S={r['S']} {r['qk']:<4} pv={r['pv']:<4} tma={r['tma']!s:<5} BM{r['BLOCK_M']} "
@@ -186,6 +215,7 @@ def main():
     ap.add_argument("--seqs", default="8552,53608")
     ap.add_argument("--masked", action="store_true")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--quant-kernels", action="store_true", help="each quantize kernel's device time at the first S")
     ap.add_argument("--ref-rows", type=int, default=1024)
     args = ap.parse_args()
     t0 = time.time()
@@ -199,6 +229,8 @@ def main():
             bench(S, masked, args.ref_rows, rows, ceil)
     if args.sweep:
         sweep(seqs[0], rows)
+    if args.quant_kernels:
+        quantize_kernels(seqs[0], rows)
     out = {**env_info(), "ceilings": ceil, "seconds": round(time.time() - t0, 1), "ref_rows": args.ref_rows,
            "rows": rows}
     write_json(args.out, out)

@@ -62,6 +62,12 @@ def attention_fp8_section(name, d):
         xc = f"{r['x_cudnn']:.2f}" if "x_cudnn" in r else "–"
         err = f"{r['rel_l2']:.1e}" if r.get("rel_l2") is not None else "–"
         out.append(f"| {r['S']} | {r['provider']} | {r['ms']:.3f} | {rate} | {xc} | {err} | {r.get('config', '')} |")
+    parts = [r for r in d["rows"] if r.get("op") == "quantize_kernel"]
+    if parts:
+        out += ["", "The quantize pass kernel by kernel (device time per call, torch.profiler; bytes it reads and "
+                "writes):", "", "| S | Q·K / P·V | kernel | µs | MB moved | GB/s |", "|---:|---|---|---:|---:|---:|"]
+        out += [f"| {r['S']} | {r['qk']} / {r['pv']} | `{r['kernel']}` | {r['us']:.1f} | {r['bytes'] / 1e6:.0f} | "
+                f"{r['gbs']:.0f} |" for r in parts]
     sweep = [r for r in d["rows"] if r.get("op") == "sweep"]
     if sweep:
         out += ["", "Block configs, attend only, no autotuning (`ws`: the compiler's warp specialization of the key "

@@ -458,3 +458,16 @@ def test_warm_up_runs_on_the_calling_thread_while_loading(monkeypatch):
         raise LoadError("shard 3 is truncated")
     with pytest.raises(LoadError, match="truncated"):
         load_mod._load_while_warming(failing, ([(1, 4, 4)], [7]), "cuda", torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_cuda_load_models_warms_up_while_reading(snap, monkeypatch):
+    """On CUDA with warm=(shapes, lens): the warm-up runs (its time recorded, no skip note) on the calling thread
+    while a loader thread reads, and the weights are the old path's bits all the same."""
+    from engine.pipelines.load import load_models
+    monkeypatch.delenv("QIE_READER", raising=False)
+    models = load_models(snap, "cuda", "bfloat16", warm=([(1, 4, 4), (1, 4, 4)], [7, 5]))
+    assert models.timings["warm_up"] > 0 and not any("warm-up" in n for n in models.source["notes"])
+    want = old_mmdit(snap, torch.bfloat16, monkeypatch)
+    for name, t in models.transformer.state_dict().items():
+        assert torch.equal(bits(t), bits(want.state_dict()[name])), name
