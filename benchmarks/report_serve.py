@@ -36,7 +36,7 @@ def _head(d):
     size = (f"{sn['bytes'] / 1e9:.1f} GB snapshot ({sn['layers']} blocks, {sn['text_layers']} text layers)"
             if "bytes" in sn else "a random snapshot")
     parts = [f"{k} {d[k]['date']}" for k in ("cli", "serve") if isinstance(d.get(k), dict) and "date" in d[k]]
-    when = f" (parts run apart, each finished at: {', '.join(parts)})" if parts else ""
+    when = f" (each part's end: {', '.join(parts)})" if parts else ""
     return (f"{env['gpu']}, torch {env['torch']}, {env['date']}{when}; {size}, random bf16 weights, a {d['size']}² "
             f"input image, `--prompt` (the text encoder runs), each CLI case a fresh process.")
 
