@@ -73,6 +73,19 @@ def dequantized(state):
     return out
 
 
+def config_only(snap, bare, pattern):
+    """bare/: the snapshot's other folders linked, text_encoder/ with only its files matching `pattern` (no
+    weights: what `--text-encoder FILE` completes)."""
+    bare.mkdir()
+    for item in snap.iterdir():
+        if item.name != "text_encoder":
+            (bare / item.name).symlink_to(item)
+    (bare / "text_encoder").mkdir()
+    for f in (snap / "text_encoder").glob(pattern):
+        shutil.copy(f, bare / "text_encoder" / f.name)
+    return bare
+
+
 @pytest.fixture(scope="module")
 def files(text_snapshot, tmp_path_factory):
     """(config-only snapshot: text_encoder/ holds config.json alone, the bf16 file, the fp8_scaled file, the fp8
@@ -82,15 +95,7 @@ def files(text_snapshot, tmp_path_factory):
     save_file(state, str(root / BF16))
     fp8 = scaled(state)
     save_file(fp8, str(root / FP8))
-    bare = root / "config_only"
-    bare.mkdir()
-    for item in text_snapshot.iterdir():
-        if item.name != "text_encoder":
-            (bare / item.name).symlink_to(item)
-    (bare / "text_encoder").mkdir()
-    for f in (text_snapshot / "text_encoder").glob("*.json"):
-        shutil.copy(f, bare / "text_encoder" / f.name)
-    return bare, root / BF16, root / FP8, fp8
+    return config_only(text_snapshot, root / "config_only", "*.json"), root / BF16, root / FP8, fp8
 
 
 def encode(model, snap):
@@ -369,13 +374,7 @@ def test_layers_caption_and_split_read_the_file(tmp_path_factory, tmp_path):
     snap = write_layered_snapshot(tmp_path_factory.mktemp("layered_te"))
     file = tmp_path / BF16
     save_file(comfy_state(snap), str(file))
-    bare = tmp_path / "config_only"
-    bare.mkdir()
-    for item in snap.iterdir():
-        if item.name != "text_encoder":
-            (bare / item.name).symlink_to(item)
-    (bare / "text_encoder").mkdir()
-    shutil.copy(snap / "text_encoder" / "config.json", bare / "text_encoder" / "config.json")
+    bare = config_only(snap, tmp_path / "config_only", "config.json")
     image = rgba_image(64, 48, seed=8)
     opts = LayeredOptions(area=SMALL_AREA)
     want = caption_image(snap, image, False, opts, dtype="bfloat16", max_new_tokens=6)
